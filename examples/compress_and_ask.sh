@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Compress a licence text once, inspect and verify the file, then answer questions from it.
+set -euo pipefail
+doc=${1:-"$(dirname "$0")/docs/apache-2.0.txt"}
+out=${2:-/tmp/kvc-example.kvc}
+kvc compress "$doc" -o "$out"
+kvc inspect "$out"
+kvc verify "$out"
+kvc load "$out" --prompt "Who is the licensor?"
+kvc load "$out" --prompt "What does the license say about patents?" --json

@@ -1,0 +1,35 @@
+"""Byte-level constants and reader limits of the `.kvc` container (SPEC.md is the normative text)."""
+
+import numpy as np
+
+MAGIC = b"\x89KVC\r\n\x1a\n"
+END_MAGIC = b"KVCINDEX"
+MAJOR_VERSION = 1
+MINOR_VERSION = 0
+LITTLE_ENDIAN = ord("L")
+
+PREAMBLE_SIZE = 16  # magic(8) major(u16) minor(u16) byte_order(u8) reserved(3)
+HEADER_PREFIX_SIZE = 8  # header_length(u32) header_crc32(u32)
+FOOTER_SIZE = 24  # index_offset(u64) index_length(u32) index_crc32(u32) END_MAGIC(8)
+ALIGNMENT = 64
+
+MAX_HEADER_BYTES = 64 << 20
+MAX_INDEX_BYTES = 16 << 20
+MAX_SECTIONS = 65536
+MAX_STREAMS_PER_SECTION = 64
+MAX_NDIM = 8
+MAX_STREAM_BYTES = 16 << 30
+
+# Element types a stream may declare. bfloat16 has no numpy dtype: it is carried as its uint16 bit pattern.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "uint8": np.dtype("u1"),
+    "int32": np.dtype("<i4"),
+}
+
+# Section types this reader understands, with the stream names each must hold.
+SECTION_STREAMS: dict[str, tuple[str, ...]] = {
+    "kv_layer": ("keys", "values"),
+}

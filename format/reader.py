@@ -1,0 +1,353 @@
+"""Validating `.kvc` reader. Everything is checked against caps and the file size before any allocation."""
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import codecs
+from .constants import (
+    ALIGNMENT,
+    DTYPES,
+    END_MAGIC,
+    FOOTER_SIZE,
+    HEADER_PREFIX_SIZE,
+    LITTLE_ENDIAN,
+    MAGIC,
+    MAJOR_VERSION,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES,
+    MAX_NDIM,
+    MAX_SECTIONS,
+    MAX_STREAM_BYTES,
+    MAX_STREAMS_PER_SECTION,
+    MINOR_VERSION,
+    PREAMBLE_SIZE,
+    SECTION_STREAMS,
+)
+from .errors import (
+    BadMagicError,
+    ChecksumError,
+    CodecError,
+    LayoutError,
+    LimitError,
+    MetadataError,
+    TruncatedError,
+    UnsupportedVersionError,
+)
+from .packing import unpack_map
+
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 1024
+MAX_HEAD_DIM = 8192
+MAX_TOKENS = 1 << 24
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _field(obj: dict, key: str, kind: type, what: str):
+    if key not in obj:
+        raise MetadataError(f"{what} lacks {key!r}")
+    value = obj[key]
+    # bool is a subclass of int: a flag must not pass for a count, nor a count for a flag.
+    if type(value) is not kind:
+        raise MetadataError(f"{what}.{key} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _count(obj: dict, key: str, what: str, low: int, high: int) -> int:
+    value = _field(obj, key, int, what)
+    if not low <= value <= high:
+        raise LimitError(f"{what}.{key} = {value} is outside [{low}, {high}]")
+    return value
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    name: str
+    codec: str
+    params: dict
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # relative to the section start
+    length: int
+    decoded_length: int
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    type: str
+    required: bool
+    offset: int
+    length: int
+    crc32: int
+    attrs: dict
+    streams: tuple[StreamInfo, ...]
+
+
+class StoredArray(NamedTuple):
+    data: np.ndarray
+    dtype: str  # the declared element type; bfloat16 data holds its uint16 bit patterns
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    layers: int
+    kv_heads: int
+    tokens: int
+    head_dim: int
+
+
+def _parse_stream(entry, where: str, section_length: int) -> StreamInfo:
+    if not isinstance(entry, dict):
+        raise MetadataError(f"{where} is not a map")
+    name = _field(entry, "name", str, where)
+    codec = _field(entry, "codec", str, where)
+    if codec not in codecs.CODECS:
+        raise CodecError(f"{where} uses unknown codec {codec!r} (known: {', '.join(codecs.CODECS)})")
+    params = _field(entry, "params", dict, where)
+    dtype = _field(entry, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise MetadataError(f"{where} has unknown dtype {dtype!r}")
+    shape = _field(entry, "shape", list, where)
+    if len(shape) > MAX_NDIM:
+        raise LimitError(f"{where} has {len(shape)} dimensions (max {MAX_NDIM})")
+    size = DTYPES[dtype].itemsize
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise MetadataError(f"{where} has an invalid dimension {dim!r}")
+        size *= dim
+        if size > MAX_STREAM_BYTES:
+            raise LimitError(f"{where} declares more than {MAX_STREAM_BYTES} bytes")
+    offset = _count(entry, "offset", where, 0, section_length)
+    length = _count(entry, "length", where, 0, section_length)
+    decoded = _count(entry, "decoded_length", where, 0, MAX_STREAM_BYTES)
+    if decoded != size:
+        raise MetadataError(f"{where} declares {decoded} decoded bytes but shape {shape} of {dtype} is {size}")
+    return StreamInfo(name, codec, params, dtype, tuple(shape), offset, length, decoded)
+
+
+def _parse_section(entry, where: str, file_size: int) -> SectionInfo:
+    if not isinstance(entry, dict):
+        raise MetadataError(f"{where} is not a map")
+    kind = _field(entry, "type", str, where)
+    required = _field(entry, "required", bool, where)
+    offset = _count(entry, "offset", where, 0, file_size)
+    length = _count(entry, "length", where, 0, file_size)
+    crc = _count(entry, "crc32", where, 0, 0xFFFFFFFF)
+    raw_streams = _field(entry, "streams", list, where)
+    if len(raw_streams) > MAX_STREAMS_PER_SECTION:
+        raise LimitError(f"{where} has {len(raw_streams)} streams (max {MAX_STREAMS_PER_SECTION})")
+    streams = tuple(_parse_stream(s, f"{where}.streams[{j}]", length) for j, s in enumerate(raw_streams))
+    position = 0
+    for s in streams:
+        if s.offset != position:
+            raise LayoutError(f"{where}: stream {s.name!r} starts at {s.offset}, expected {position}")
+        position += s.length
+    if position != length:
+        raise LayoutError(f"{where}: streams cover {position} bytes of a {length}-byte section")
+    attrs = {k: v for k, v in entry.items() if k not in ("type", "required", "offset", "length", "crc32", "streams")}
+    return SectionInfo(kind, required, offset, length, crc, attrs, streams)
+
+
+def _parse_geometry(header: dict) -> CacheGeometry:
+    cache = _field(header, "cache", dict, "header")
+    layout = _field(cache, "layout", str, "header.cache")
+    if layout != "dense":
+        raise UnsupportedVersionError(f"cache layout {layout!r} is not supported by this reader")
+    geometry = CacheGeometry(
+        layers=_count(cache, "layers", "header.cache", 1, MAX_LAYERS),
+        kv_heads=_count(cache, "kv_heads", "header.cache", 1, MAX_KV_HEADS),
+        tokens=_count(cache, "tokens", "header.cache", 1, MAX_TOKENS),
+        head_dim=_count(cache, "head_dim", "header.cache", 1, MAX_HEAD_DIM),
+    )
+    prompt = _field(header, "prompt", dict, "header")
+    prefix_ids = _field(prompt, "prefix_ids", list, "header.prompt")
+    if len(prefix_ids) != geometry.tokens:
+        raise MetadataError(f"header.prompt.prefix_ids has {len(prefix_ids)} ids for {geometry.tokens} tokens")
+    if not all(type(t) is int and 0 <= t < 1 << 31 for t in prefix_ids):
+        raise MetadataError("header.prompt.prefix_ids holds a value that is not a token id")
+    for key in ("question_prefix", "question_suffix"):
+        _field(prompt, key, str, "header.prompt")
+    _field(header, "model", dict, "header")
+    return geometry
+
+
+class KvcReader:
+    """Open a `.kvc` file and validate its structure (not yet the section checksums; see `verify`).
+
+    >>> with KvcReader("doc.kvc") as r:
+    ...     keys, values = r.read_layer(0)   # (kv_heads, tokens, head_dim) each
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            self._open()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_at(self, offset: int, length: int) -> bytearray:
+        self._file.seek(offset)
+        buf = bytearray(length)
+        if self._file.readinto(buf) != length:
+            raise TruncatedError(f"file ends before byte {offset + length}")
+        return buf
+
+    def _open(self) -> None:
+        size = os.fstat(self._file.fileno()).st_size
+        self.file_size = size
+        preamble = self._read_at(0, min(size, PREAMBLE_SIZE))
+        seen = bytes(preamble[: len(MAGIC)])
+        if seen != MAGIC[: len(seen)]:
+            raise BadMagicError("not a .kvc file (bad magic bytes)")
+        if size < PREAMBLE_SIZE + HEADER_PREFIX_SIZE + FOOTER_SIZE:
+            raise TruncatedError(f"file of {size} bytes is too short to be a .kvc file")
+        major, minor, order = struct.unpack_from("<HHB", preamble, len(MAGIC))
+        self.version = (major, minor)
+        if major != MAJOR_VERSION:
+            raise UnsupportedVersionError(
+                f"file is .kvc format {major}.{minor}; this reader reads {MAJOR_VERSION}.x"
+            )
+        if order != LITTLE_ENDIAN:
+            raise UnsupportedVersionError(f"byte order flag {order:#x} is not supported (only 'L')")
+        if any(preamble[13:16]):
+            raise LayoutError("reserved preamble bytes are not zero")
+
+        header_length, header_crc = struct.unpack(
+            "<II", self._read_at(PREAMBLE_SIZE, HEADER_PREFIX_SIZE)
+        )
+        if header_length > MAX_HEADER_BYTES:
+            raise LimitError(f"header of {header_length} bytes exceeds {MAX_HEADER_BYTES}")
+        header_end = PREAMBLE_SIZE + HEADER_PREFIX_SIZE + header_length
+        if header_end + FOOTER_SIZE > size:
+            raise TruncatedError("file ends inside its header")
+
+        footer = self._read_at(size - FOOTER_SIZE, FOOTER_SIZE)
+        if bytes(footer[16:]) != END_MAGIC:
+            raise BadMagicError("missing end marker: the file is truncated or not a .kvc file")
+        index_offset, index_length, index_crc = struct.unpack_from("<QII", footer)
+        if index_length > MAX_INDEX_BYTES:
+            raise LimitError(f"index of {index_length} bytes exceeds {MAX_INDEX_BYTES}")
+        if index_offset + index_length + FOOTER_SIZE != size:
+            raise LayoutError("index does not end where the footer starts (trailing or missing bytes)")
+        if index_offset < header_end:
+            raise LayoutError("index overlaps the header")
+
+        header_bytes = self._read_at(PREAMBLE_SIZE + HEADER_PREFIX_SIZE, header_length)
+        if zlib.crc32(header_bytes) != header_crc:
+            raise ChecksumError("header checksum mismatch")
+        self.header = unpack_map(bytes(header_bytes), "header")
+        index_bytes = self._read_at(index_offset, index_length)
+        if zlib.crc32(index_bytes) != index_crc:
+            raise ChecksumError("index checksum mismatch")
+        index = unpack_map(bytes(index_bytes), "index")
+
+        entries = _field(index, "sections", list, "index")
+        if len(entries) > MAX_SECTIONS:
+            raise LimitError(f"index lists {len(entries)} sections (max {MAX_SECTIONS})")
+        sections = [_parse_section(e, f"index.sections[{i}]", size) for i, e in enumerate(entries)]
+        self._check_coverage(sections, header_end, index_offset)
+        self.geometry = _parse_geometry(self.header)
+        self.sections = self._known_sections(sections)
+        self._layers = self._map_layers()
+
+    def _check_coverage(self, sections: list[SectionInfo], header_end: int, index_offset: int) -> None:
+        self._gaps = []
+        position = header_end
+        for i, s in enumerate(sections):
+            if s.offset != _align(position):
+                raise LayoutError(f"section {i} starts at {s.offset}, expected {_align(position)}")
+            self._gaps.append((position, s.offset))
+            position = s.offset + s.length
+        if index_offset != _align(position):
+            raise LayoutError(f"index starts at {index_offset}, expected {_align(position)}")
+        self._gaps.append((position, index_offset))
+
+    def _known_sections(self, sections: list[SectionInfo]) -> list[SectionInfo]:
+        known = []
+        for s in sections:
+            if s.type in SECTION_STREAMS:
+                known.append(s)
+            elif s.required:
+                raise UnsupportedVersionError(
+                    f"file (format {self.version[0]}.{self.version[1]}) has a required section {s.type!r} that "
+                    f"this reader (format {MAJOR_VERSION}.{MINOR_VERSION}) does not know: upgrade kvc"
+                )
+        return known
+
+    def _map_layers(self) -> list[SectionInfo]:
+        g = self.geometry
+        by_layer: dict[int, SectionInfo] = {}
+        for s in self.sections:
+            layer = _count(s.attrs, "layer", "kv_layer section", 0, g.layers - 1)
+            if layer in by_layer:
+                raise LayoutError(f"layer {layer} appears in two sections")
+            names = tuple(st.name for st in s.streams)
+            if names != SECTION_STREAMS["kv_layer"]:
+                raise MetadataError(f"layer {layer} holds streams {names}, expected {SECTION_STREAMS['kv_layer']}")
+            for st in s.streams:
+                if st.dtype not in CACHE_DTYPES:
+                    raise MetadataError(f"layer {layer} {st.name} has dtype {st.dtype}, not one of {CACHE_DTYPES}")
+                if st.shape != (g.kv_heads, g.tokens, g.head_dim):
+                    raise MetadataError(
+                        f"layer {layer} {st.name}: shape {list(st.shape)} does not match the header's "
+                        f"{[g.kv_heads, g.tokens, g.head_dim]}"
+                    )
+            by_layer[layer] = s
+        if len(by_layer) != g.layers:
+            missing = sorted(set(range(g.layers)) - set(by_layer))
+            raise LayoutError(f"layers {missing[:8]} have no section")
+        return [by_layer[i] for i in range(g.layers)]
+
+    def read_section(self, section: SectionInfo) -> dict[str, np.ndarray]:
+        """Read one section, check its CRC-32, then decode each stream to an array of its declared shape."""
+        data = self._read_at(section.offset, section.length)
+        if zlib.crc32(data) != section.crc32:
+            raise ChecksumError(f"checksum mismatch in the {section.type} section at byte {section.offset}")
+        view = memoryview(data)
+        arrays = {}
+        for s in section.streams:
+            raw = codecs.decode(s.codec, view[s.offset : s.offset + s.length], s.decoded_length, s.params)
+            arrays[s.name] = raw.view(DTYPES[s.dtype]).reshape(s.shape)
+        return arrays
+
+    def read_layer(self, layer: int) -> tuple[StoredArray, StoredArray]:
+        """Keys and values of one layer, each (kv_heads, tokens, head_dim)."""
+        section = self._layers[layer]
+        arrays = self.read_section(section)
+        keys, values = (StoredArray(arrays[s.name], s.dtype) for s in section.streams)
+        return keys, values
+
+    def verify(self) -> None:
+        """Check padding, every section's checksum and that every stream decodes to its declared size."""
+        for start, end in self._gaps:
+            if any(self._read_at(start, end - start)):
+                raise LayoutError(f"padding bytes {start}..{end} are not zero")
+        for layer in range(self.geometry.layers):
+            self.read_section(self._layers[layer])
+
+    def section_sizes(self) -> list[int]:
+        return [s.length for s in self._layers]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "KvcReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)

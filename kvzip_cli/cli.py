@@ -1,0 +1,286 @@
+"""The `kvc` command line: one function per command; errors become one `error: ...` line and exit code 1."""
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvc_format import KvcFormatError, KvcReader
+
+from . import __version__
+from .errors import KvcError
+
+app = typer.Typer(
+    help="Compress a long document into a small, reusable KV cache (.kvc) and answer questions from it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Codec(str, Enum):
+    raw = "raw"
+    zstd = "zstd"
+
+
+def _fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def cli_errors(command):
+    """Turn every failure into one line on stderr, never a traceback (KVC_DEBUG=1 shows one)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KvcError as exc:
+            _fail(str(exc))
+        except KvcFormatError as exc:
+            _fail(f"invalid .kvc file: {exc}")
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except MemoryError:
+            _fail("out of memory; try a smaller --chunk-size or a shorter document")
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        except Exception as exc:
+            if os.environ.get("KVC_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (run with KVC_DEBUG=1 for a traceback)")
+
+    return wrapper
+
+
+def _emit_json(obj: dict) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _open(path: Path) -> KvcReader:
+    if not path.exists():
+        raise KvcError(f"{path} does not exist")
+    if path.is_dir():
+        raise KvcError(f"{path} is a directory, not a .kvc file")
+    return KvcReader(path)
+
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Alias (smollm2 = embedded SmolLM2-135M-Instruct, no network; qwen2, llama, ...), hub id, "
+        "local model folder, or .gguf file.",
+    ),
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+
+
+@app.command()
+@cli_errors
+def compress(
+    document: Annotated[str, typer.Argument(help="UTF-8 text file to compress, or - to read stdin.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically).")],
+    model: ModelOption = "smollm2",
+    ratio: Annotated[float, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1.")] = 1.0,
+    scorer: Annotated[str | None, typer.Option(help="Scorer for pruning (needs --ratio < 1).")] = None,
+    bits: Annotated[int, typer.Option(help="Bits per stored element: 16 (float16, or bfloat16 as computed) or "
+                                      "32 (float32 as computed, bit-exact).")] = 16,
+    codec: Annotated[Codec, typer.Option(help="raw: bytes as computed; zstd: byte-planes + zstd (lossless).")] = (
+        Codec.zstd
+    ),
+    chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
+                                       "float16, float32.")] = "auto",
+    json_output: JsonOption = False,
+):
+    """Prefill DOCUMENT once through the model and store its KV cache in a .kvc file.
+
+    The document is placed in the model's chat template as a reusable prefix; `kvc load --prompt` later appends
+    a question to it without re-reading the document.
+    """
+    from .compress import compress as run_compress
+
+    if scorer is not None:
+        raise KvcError("--scorer selects how entries are pruned; pruning is not available in this version")
+    result = run_compress(
+        document,
+        output,
+        model=model,
+        codec=codec.value,
+        ratio=ratio,
+        bits=bits,
+        chunk_size=chunk_size,
+        device=device,
+        dtype=dtype,
+        progress=not json_output,
+    )
+    if json_output:
+        _emit_json(result.as_json())
+        return
+    name = "stdin" if document == "-" else document
+    typer.echo(f"compressed {name} -> {result.output}")
+    typer.echo(f"  tokens       {result.tokens:,} ({result.model})")
+    typer.echo(f"  raw KV       {_mb(result.raw_bytes)} (fp16)")
+    typer.echo(f"  file         {_mb(result.file_bytes)} ({result.bits}-bit, {result.codec}), "
+               f"compression {result.compression:.2f}x")
+    typer.echo(f"  time         {result.seconds:.1f} s (prefill {result.prefill_seconds:.1f} s)")
+
+
+@app.command()
+@cli_errors
+def load(
+    file: Annotated[Path, typer.Argument(help="The .kvc file.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to load into (default: the one "
+                                              "recorded in the file).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Question to answer from the cache.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Longest answer, in tokens.")] = 64,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
+                                       "float16, float32.")] = "auto",
+    json_output: JsonOption = False,
+):
+    """Load a .kvc into its model and answer --prompt greedily, without re-reading the document.
+
+    Without --prompt it verifies the file against the model and times the load.
+    """
+    from .load import ask
+    from .load import load as run_load
+    from .models import load_model
+    from .progress import progress_bars
+
+    with _open(file) as reader:
+        header = reader.header
+    model_name = model or header["model"].get("name") or "smollm2"
+    t0 = time.perf_counter()
+    lm = load_model(model_name, device=device, dtype=dtype)
+    model_seconds = time.perf_counter() - t0
+    with progress_bars(not json_output) as task:
+        kv = run_load(file, lm, task=task)
+    prefill_seconds = header.get("timings", {}).get("prefill_seconds")
+    result = {
+        "file": str(file),
+        "model": model_name,
+        "tokens": kv.input_ids.shape[1],
+        "load_seconds": kv.load_seconds,
+        "prefill_seconds": prefill_seconds,
+        "model_load_seconds": model_seconds,
+        "answer": None,
+        "generate_seconds": None,
+    }
+    if prompt is not None:
+        answer = ask(lm.model, lm.tokenizer, kv, prompt, max_new_tokens)
+        result.update(answer=answer.text, generate_seconds=answer.seconds, answer_tokens=len(answer.token_ids))
+    if json_output:
+        _emit_json(result)
+        return
+    if prompt is not None:
+        typer.echo(result["answer"])
+        typer.echo("")
+    speedup = f", {prefill_seconds / kv.load_seconds:.0f}x faster" if prefill_seconds else ""
+    typer.echo(f"loaded {result['tokens']:,} tokens of KV in {kv.load_seconds:.2f} s "
+               f"(prefill when the file was made: {prefill_seconds:.2f} s{speedup})")
+    if prompt is not None:
+        typer.echo(f"answered in {result['generate_seconds']:.2f} s")
+
+
+def _summary(reader: KvcReader) -> dict:
+    header = reader.header
+    g = reader.geometry
+    return {
+        "file": reader.path,
+        "version": f"{reader.version[0]}.{reader.version[1]}",
+        "model": header["model"].get("name"),
+        "fingerprint": header["model"],
+        "tokens": g.tokens,
+        "kept_ratio": header.get("settings", {}).get("ratio", 1.0),
+        "file_bytes": reader.file_size,
+        "raw_bytes": 2 * g.layers * g.kv_heads * g.head_dim * g.tokens * 2,
+        "cache": header["cache"],
+        "settings": header.get("settings", {}),
+        "prompt": {k: v for k, v in header["prompt"].items() if k != "prefix_ids"},
+        "timings": header.get("timings", {}),
+        "writer": header.get("kvc", {}).get("writer"),
+        "layers": [{"layer": i, "bytes": n, "kept_ratio": 1.0} for i, n in enumerate(reader.section_sizes())],
+    }
+
+
+@app.command()
+@cli_errors
+def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_output: JsonOption = False):
+    """Show a .kvc file's header: model fingerprint, settings, sizes per layer section."""
+    with _open(file) as reader:
+        info = _summary(reader)
+    if json_output:
+        _emit_json(info)
+        return
+    fp = info["fingerprint"]
+    cache = info["cache"]
+    typer.echo(f"{info['file']}  (.kvc {info['version']}, written by {info['writer']})")
+    typer.echo(f"  model        {info['model']} ({fp.get('architecture')}, {fp.get('num_layers')} layers, "
+               f"{fp.get('num_kv_heads')} KV heads x {fp.get('head_dim')})")
+    typer.echo(f"  weights      sha256 {str(fp.get('weight_digest'))[:16]}...  tokenizer "
+               f"{str(fp.get('tokenizer_digest'))[:16]}...")
+    typer.echo(f"  tokens       {info['tokens']:,} ({info['prompt'].get('template')} template), "
+               f"KV computed in {cache.get('computed_dtype')}, layout {cache['layout']}")
+    typer.echo(f"  settings     {info['settings']}")
+    typer.echo(f"  size         {_mb(info['file_bytes'])} for {_mb(info['raw_bytes'])} of fp16 KV "
+               f"({info['raw_bytes'] / info['file_bytes']:.2f}x)")
+    if info["timings"].get("prefill_seconds") is not None:
+        typer.echo(f"  prefill      {info['timings']['prefill_seconds']:.2f} s on {info['timings'].get('device')}")
+    sizes = [entry["bytes"] for entry in info["layers"]]
+    typer.echo(f"  sections     {len(sizes)} layers, {min(sizes):,}..{max(sizes):,} bytes each, kept ratio 1.0")
+
+
+@app.command()
+@cli_errors
+def verify(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_output: JsonOption = False):
+    """Check a .kvc file's structure, every checksum, and that every stream decodes (no model needed)."""
+    try:
+        with _open(file) as reader:
+            reader.verify()
+            sections = reader.geometry.layers
+    except (KvcError, KvcFormatError) as exc:
+        message = str(exc) if isinstance(exc, KvcError) else f"invalid .kvc file: {exc}"
+        if json_output:
+            _emit_json({"ok": False, "file": str(file), "error": message})
+        _fail(message)
+    if json_output:
+        _emit_json({"ok": True, "file": str(file), "sections": sections})
+    else:
+        typer.echo(f"{file}: ok ({sections} layer sections, all checksums match)")
+
+
+@app.command()
+def version():
+    """Print kvc's version."""
+    typer.echo(f"kvc {__version__}")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="kvc")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

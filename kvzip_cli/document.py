@@ -1,0 +1,69 @@
+"""Read a document and lay it out as a reusable prompt prefix, recording how a later question is appended."""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import KvcError
+
+QUESTION_MARK = "\ue000kvc-question\ue000"  # a private-use placeholder no real text contains
+DOCUMENT_QUESTION_SEPARATOR = "\n\n"
+
+
+def read_document(source: str) -> str:
+    """Text of a UTF-8 file, or of stdin for `-`; refuses empty, binary and undecodable input."""
+    name = "stdin" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise KvcError(f"document {name} does not exist") from None
+    except IsADirectoryError:
+        raise KvcError(f"document {name} is a directory, not a text file") from None
+    except PermissionError:
+        raise KvcError(f"document {name} is not readable (permission denied)") from None
+    return decode_document(data, name)
+
+
+def decode_document(data: bytes, name: str) -> str:
+    if b"\0" in data:
+        raise KvcError(f"document {name} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise KvcError(f"document {name} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    if not text.strip():
+        raise KvcError(f"document {name} is empty")
+    return text
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """prefix_ids is the cached part; a question q becomes tokens of question_prefix + q + question_suffix."""
+
+    prefix_ids: list[int]
+    question_prefix: str
+    question_suffix: str
+    template: str  # "chat" (the tokenizer's chat template) or "plain"
+
+
+def layout_prompt(tokenizer: PreTrainedTokenizerBase, document: str) -> PromptLayout:
+    """Split the full prompt for (document, question) at the question, so the document part can be cached."""
+    if tokenizer.chat_template:
+        content = document + DOCUMENT_QUESTION_SEPARATOR + QUESTION_MARK
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        if text.count(QUESTION_MARK) == 1:
+            before, after = text.split(QUESTION_MARK)
+            ids = tokenizer(before, add_special_tokens=False).input_ids
+            return PromptLayout(ids, "", after, "chat")
+    ids = tokenizer(document + DOCUMENT_QUESTION_SEPARATOR + "Question:").input_ids
+    return PromptLayout(ids, " ", "\nAnswer:", "plain")
+
+
+def question_ids(tokenizer: PreTrainedTokenizerBase, question_prefix: str, question_suffix: str, question: str):
+    if not question.strip():
+        raise KvcError("the prompt is empty")
+    return tokenizer(question_prefix + question + question_suffix, add_special_tokens=False).input_ids

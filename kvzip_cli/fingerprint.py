@@ -1,0 +1,84 @@
+"""Model identity recorded in every `.kvc`: geometry, a tokenizer digest and a sampled weight digest.
+
+The weight digest hashes up to `SAMPLES_PER_TENSOR` evenly spaced elements of every parameter, rounded to
+bfloat16, so the same checkpoint gives the same digest whether it is loaded in float32 or bfloat16, on CPU or
+GPU. A float16 load of a checkpoint that is not float16 rounds differently and is (conservatively) refused.
+"""
+
+import hashlib
+import json
+import weakref
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SAMPLES_PER_TENSOR = 1024
+IDENTITY_KEYS = (
+    "architecture",
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "vocab_size",
+    "rope",
+    "tokenizer_digest",
+    "weight_digest",
+)
+
+_cache: "weakref.WeakKeyDictionary[PreTrainedModel, dict]" = weakref.WeakKeyDictionary()
+
+
+def geometry(model: PreTrainedModel) -> dict:
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {
+        "rope_theta": getattr(cfg, "rope_theta", None),
+        "rope_scaling": getattr(cfg, "rope_scaling", None),
+    }
+    return {
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "model_type": cfg.model_type,
+        "num_layers": cfg.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
+        "rope": json.loads(json.dumps(rope, sort_keys=True, default=str)),
+    }
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted(tokenizer.all_special_tokens),
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+@torch.inference_mode()
+def weight_digest(model: PreTrainedModel) -> str:
+    h = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        flat = param.detach().reshape(-1)
+        count = min(flat.numel(), SAMPLES_PER_TENSOR)
+        index = torch.arange(count, device=flat.device) * flat.numel() // count
+        sample = flat[index].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
+        h.update(f"{name}:{list(param.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Identity of (model, tokenizer); computed once per model object."""
+    if model not in _cache:
+        _cache[model] = {**geometry(model), "weight_digest": weight_digest(model)}
+    return {**_cache[model], "tokenizer_digest": tokenizer_digest(tokenizer)}
+
+
+def differences(recorded: dict, actual: dict) -> list[str]:
+    """Identity fields on which two fingerprints disagree."""
+    return [key for key in IDENTITY_KEYS if recorded.get(key) != actual.get(key)]

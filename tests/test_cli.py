@@ -1,0 +1,196 @@
+"""Every command through typer's CliRunner, the JSON contract, and one-line errors with exit code 1."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvzip_cli.cli import app
+
+runner = CliRunner()
+CONTRACT = {
+    "compress": {"output", "tokens", "kept_ratio", "raw_bytes", "file_bytes", "compression", "seconds"},
+    "load": {"answer", "load_seconds", "generate_seconds", "prefill_seconds", "model"},
+    "inspect": {"version", "model", "tokens", "kept_ratio", "file_bytes", "settings"},
+    "verify": {"ok"},
+}
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_one_line_error(result, fragment: str, code: int = 1):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def kvc_file(tmp_path_factory, tiny_folder, short_doc) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "doc.kvc"
+    result = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--json")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_compress_json_contract(tmp_path, tiny_folder, short_doc):
+    out = tmp_path / "d.kvc"
+    result = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--codec", "raw", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert CONTRACT["compress"] <= data.keys()
+    assert data["output"] == str(out) and data["file_bytes"] == out.stat().st_size
+    assert data["kept_ratio"] == 1.0 and data["compression"] == pytest.approx(data["raw_bytes"] / data["file_bytes"])
+
+
+def test_compress_text_summary_and_stdin(tmp_path, tiny_folder, short_doc):
+    out = tmp_path / "d.kvc"
+    result = run("compress", "-", "-o", out, "--model", tiny_folder, input=short_doc.read_text())
+    assert result.exit_code == 0, result.output
+    assert "compressed stdin" in result.stdout and "compression" in result.stdout
+    assert out.exists()
+
+
+def test_load_with_prompt_json(kvc_file):
+    result = run("load", kvc_file, "--prompt", "What is licensed?", "--max-new-tokens", "5", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert CONTRACT["load"] <= data.keys()
+    assert isinstance(data["answer"], str) and data["prefill_seconds"] > 0 and data["load_seconds"] > 0
+
+
+def test_load_without_prompt_times_the_load(kvc_file):
+    result = run("load", kvc_file)
+    assert result.exit_code == 0, result.output
+    assert "loaded" in result.stdout and "prefill when the file was made" in result.stdout
+
+
+def test_inspect(kvc_file):
+    result = run("inspect", kvc_file, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert CONTRACT["inspect"] <= data.keys()
+    assert data["version"] == "1.0" and len(data["layers"]) == 3
+    text = run("inspect", kvc_file)
+    assert text.exit_code == 0 and "sections" in text.stdout
+
+
+def test_verify_ok(kvc_file):
+    result = run("verify", kvc_file, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"ok": True, "file": str(kvc_file), "sections": 3}
+
+
+def test_verify_corrupt(tmp_path, kvc_file):
+    bad = tmp_path / "bad.kvc"
+    data = bytearray(kvc_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    result = run("verify", bad, "--json")
+    assert json.loads(result.stdout)["ok"] is False
+    assert_one_line_error(result, "checksum")
+
+
+def test_load_corrupt_file(tmp_path, kvc_file):
+    bad = tmp_path / "bad.kvc"
+    bad.write_bytes(kvc_file.read_bytes()[:-100])
+    assert_one_line_error(run("load", bad), "invalid .kvc file")
+
+
+def test_load_wrong_model(tmp_path, kvc_file, tiny_tokenizer):
+    from conftest import tiny_model
+
+    other = tmp_path / "other"
+    lm = tiny_model("llama", tiny_tokenizer, seed=5)
+    lm.model.save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    assert_one_line_error(run("load", kvc_file, "--model", other), "weight_digest")
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["compress", "{missing}", "-o", "{out}"], "does not exist"),
+        (["compress", "{empty}", "-o", "{out}"], "is empty"),
+        (["compress", "{binary}", "-o", "{out}"], "binary"),
+        (["compress", "{doc}", "-o", "{out}", "--ratio", "0"], "out of range"),
+        (["compress", "{doc}", "-o", "{out}", "--ratio", "0.3"], "not available"),
+        (["compress", "{doc}", "-o", "{out}", "--bits", "4"], "not available"),
+        (["compress", "{doc}", "-o", "{out}", "--scorer", "kvzip"], "not available"),
+        (["compress", "{doc}", "-o", "{out}", "--model", "no-such-model"], "unknown model"),
+        (["compress", "{doc}", "-o", "{tmp}"], "is a directory"),
+        (["compress", "{doc}", "-o", "{tmp}/no/such/dir.kvc"], "does not exist"),
+        (["load", "{missing}"], "does not exist"),
+        (["load", "{doc}"], "bad magic"),
+        (["inspect", "{doc}"], "bad magic"),
+        (["verify", "{missing}"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line(tmp_path, tiny_folder, short_doc, args, fragment):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.bin").write_bytes(b"\x00\x01\x02" * 50)
+    names = {"missing": tmp_path / "missing.txt", "empty": tmp_path / "empty.txt", "binary": tmp_path / "binary.bin",
+             "doc": short_doc, "out": tmp_path / "o.kvc", "tmp": tmp_path}
+    argv = [a.format(**names) for a in args]
+    if argv[0] == "compress" and "--model" not in argv:
+        argv += ["--model", str(tiny_folder)]
+    assert_one_line_error(run(*argv), fragment)
+    assert not (tmp_path / "o.kvc").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_usage_errors_exit_2(kvc_file):
+    assert run("load", kvc_file, "--max-new-tokens", "0").exit_code == 2
+    assert run("compress", "x.txt").exit_code == 2  # -o is required
+    assert run("compress", "x.txt", "-o", "y.kvc", "--codec", "gzip").exit_code == 2
+
+
+def test_version_and_help():
+    assert run("version").stdout.startswith("kvc ")
+    helptext = run("compress", "--help").stdout
+    assert "--ratio" in helptext and "--codec" in helptext and "stdin" in helptext
+
+
+SLOW_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from kvc_format import writer
+    original = writer.KvcWriter.add_section
+    def slow(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        print("section written", file=sys.stderr, flush=True)
+        time.sleep(60)
+        return result
+    writer.KvcWriter.add_section = slow
+    from kvzip_cli.cli import main
+    sys.argv = ["kvc"] + sys.argv[1:]
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_write_leaves_nothing(tmp_path, tiny_folder, short_doc, sig):
+    out = tmp_path / "doc.kvc"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, "compress", str(short_doc), "-o", str(out), "--model", str(tiny_folder),
+         "--json"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in proc.stderr:
+        if "section written" in line:
+            break
+    assert [p.name for p in tmp_path.iterdir()] == [f".doc.kvc.{proc.pid}.partial"]
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "error: interrupted" in rest
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,370 @@
+"""The container: writer/reader round trips, and one crafted file per error class (safetensors style)."""
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvc_format import (
+    BadMagicError,
+    ChecksumError,
+    CodecError,
+    KvcReader,
+    KvcWriter,
+    LayoutError,
+    LimitError,
+    MetadataError,
+    Stream,
+    TruncatedError,
+    UnsupportedVersionError,
+    bfloat16_to_float32,
+)
+
+from kvc_bytes import assemble, header_dict, raw_layer, valid_file
+
+
+def write(tmp_path, data: bytes):
+    path = tmp_path / "f.kvc"
+    path.write_bytes(data)
+    return path
+
+
+def open_and_verify(path):
+    with KvcReader(path) as r:
+        r.verify()
+        return r
+
+
+def write_with_writer(path, arrays: list[tuple[np.ndarray, np.ndarray]], dtype: str, codec: str) -> dict:
+    kv_heads, tokens, head_dim = arrays[0][0].shape
+    header = header_dict(layers=len(arrays), kv_heads=kv_heads, tokens=tokens, head_dim=head_dim)
+    with KvcWriter(path, header) as w:
+        for i, (k, v) in enumerate(arrays):
+            streams = [Stream("keys", dtype, k.shape, k.tobytes()), Stream("values", dtype, v.shape, v.tobytes())]
+            w.add_section("kv_layer", {"layer": i}, streams, codec=codec)
+    return header
+
+
+def random_array(rng, shape, np_dtype: str) -> np.ndarray:
+    if np_dtype == "<u2":  # bfloat16 bit patterns: any 16-bit value must survive
+        return rng.integers(0, 2**16, shape, dtype=np.uint16)
+    return rng.standard_normal(shape).astype(np_dtype)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+@pytest.mark.parametrize("dtype,np_dtype", [("float16", "<f2"), ("float32", "<f4"), ("bfloat16", "<u2")])
+def test_round_trip_is_exact(tmp_path, codec, dtype, np_dtype):
+    rng = np.random.default_rng(1)
+    arrays = [(random_array(rng, (3, 17, 8), np_dtype), random_array(rng, (3, 17, 8), np_dtype)) for _ in range(4)]
+    path = tmp_path / "x.kvc"
+    header = write_with_writer(path, arrays, dtype, codec)
+    with KvcReader(path) as r:
+        r.verify()
+        assert r.header == header
+        assert r.geometry.layers == 4 and r.geometry.tokens == 17
+        for i, (k, v) in enumerate(arrays):
+            keys, values = r.read_layer(i)
+            assert keys.dtype == values.dtype == dtype
+            np.testing.assert_array_equal(keys.data, k)
+            np.testing.assert_array_equal(values.data, v)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 40), st.integers(1, 16)),
+    layers=st.integers(1, 3),
+    codec=st.sampled_from(["raw", "zstd"]),
+    seed=st.integers(0, 2**31),
+)
+def test_round_trip_random_shapes(tmp_path_factory, shape, layers, codec, seed):
+    rng = np.random.default_rng(seed)
+    arrays = [(rng.standard_normal(shape).astype("<f2"), rng.standard_normal(shape).astype("<f2"))
+              for _ in range(layers)]
+    path = tmp_path_factory.mktemp("rt") / "x.kvc"
+    write_with_writer(path, arrays, "float16", codec)
+    with KvcReader(path) as r:
+        r.verify()
+        for i, (k, v) in enumerate(arrays):
+            keys, values = r.read_layer(i)
+            np.testing.assert_array_equal(keys.data, k)
+            np.testing.assert_array_equal(values.data, v)
+
+
+def test_zstd_shrinks_smooth_data(tmp_path):
+    k = np.tile(np.linspace(-1, 1, 64, dtype="<f2"), (2, 50, 1))
+    raw, packed = tmp_path / "raw.kvc", tmp_path / "zstd.kvc"
+    write_with_writer(raw, [(k, k)], "float16", "raw")
+    write_with_writer(packed, [(k, k)], "float16", "zstd")
+    assert packed.stat().st_size < raw.stat().st_size / 4
+
+
+def test_bfloat16_widening_is_exact():
+    x = np.array([1.0, -2.5, 3.140625, 0.0], dtype=np.float32)
+    bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(bfloat16_to_float32(bits), x)
+
+
+def test_hand_assembled_file_from_spec_reads(tmp_path):
+    open_and_verify(write(tmp_path, valid_file()))
+
+
+def test_writer_exception_leaves_no_file(tmp_path):
+    path = tmp_path / "x.kvc"
+    with pytest.raises(RuntimeError), KvcWriter(path, header_dict(layers=1)):
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_wrong_stream_size(tmp_path):
+    with pytest.raises(Exception, match="bytes for shape"), KvcWriter(tmp_path / "x.kvc", header_dict()) as w:
+        w.add_section("kv_layer", {"layer": 0}, [Stream("keys", "float16", (2, 2), b"\0" * 6)], codec="raw")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- crafted files: one per error class ------------------------------------------------------------------------
+
+def test_bad_magic(tmp_path):
+    data = bytearray(valid_file())
+    data[1] = ord("X")
+    with pytest.raises(BadMagicError):
+        KvcReader(write(tmp_path, bytes(data)))
+
+
+def test_text_file_is_not_kvc(tmp_path):
+    with pytest.raises(BadMagicError):
+        KvcReader(write(tmp_path, b"hello world, this is plain text and long enough to be checked"))
+
+
+def test_missing_end_marker(tmp_path):
+    with pytest.raises(BadMagicError, match="end marker"):
+        KvcReader(write(tmp_path, valid_file()[:-3]))
+
+
+@pytest.mark.parametrize("size", [0, 5, 30])
+def test_truncated(tmp_path, size):
+    with pytest.raises(TruncatedError):
+        KvcReader(write(tmp_path, valid_file()[:size]))
+
+
+def test_newer_major_version(tmp_path):
+    with pytest.raises(UnsupportedVersionError, match="format 2.0"):
+        KvcReader(write(tmp_path, assemble(header_dict(), [raw_layer(0), raw_layer(1)], major=2)))
+
+
+def test_big_endian_flag(tmp_path):
+    with pytest.raises(UnsupportedVersionError, match="byte order"):
+        KvcReader(write(tmp_path, assemble(header_dict(), [raw_layer(0), raw_layer(1)], order=b"B")))
+
+
+def test_unknown_required_section_names_versions(tmp_path):
+    extra = ({"type": "future_thing", "required": True, "streams": []}, b"")
+    data = assemble(header_dict(), [raw_layer(0), raw_layer(1), extra], minor=7)
+    with pytest.raises(UnsupportedVersionError, match=r"format 1\.7.*future_thing.*format 1\.0"):
+        KvcReader(write(tmp_path, data))
+
+
+def test_unknown_optional_section_is_skipped(tmp_path):
+    extra = ({"type": "future_note", "required": False, "streams": []}, b"")
+    open_and_verify(write(tmp_path, assemble(header_dict(), [raw_layer(0), extra, raw_layer(1)], minor=3)))
+
+
+def test_unknown_layout_is_refused(tmp_path):
+    header = header_dict()
+    header["cache"]["layout"] = "pruned-v9"
+    with pytest.raises(UnsupportedVersionError, match="layout"):
+        KvcReader(write(tmp_path, assemble(header, [raw_layer(0), raw_layer(1)])))
+
+
+def test_header_checksum(tmp_path):
+    with pytest.raises(ChecksumError, match="header"):
+        KvcReader(write(tmp_path, assemble(header_dict(), [raw_layer(0), raw_layer(1)], header_crc=1)))
+
+
+def test_index_checksum(tmp_path):
+    with pytest.raises(ChecksumError, match="index"):
+        KvcReader(write(tmp_path, assemble(header_dict(), [raw_layer(0), raw_layer(1)], index_crc=7)))
+
+
+def test_section_checksum_caught_before_decode(tmp_path):
+    data = bytearray(valid_file())
+    with KvcReader(write(tmp_path, bytes(data))) as r:
+        offset = r.sections[1].offset
+    data[offset + 3] ^= 0x40
+    path = write(tmp_path, bytes(data))
+    with KvcReader(path) as r:
+        r.read_layer(0)
+        with pytest.raises(ChecksumError):
+            r.read_layer(1)
+        with pytest.raises(ChecksumError):
+            r.verify()
+
+
+def test_duplicate_header_key(tmp_path):
+    # msgpack map with two "cache" keys, built by hand.
+    good = msgpack.packb(header_dict(), use_bin_type=True)
+    dup = bytes([0x80 | (len(header_dict()) + 1)]) + good[1:] + msgpack.packb("cache") + msgpack.packb({})
+    with pytest.raises(MetadataError, match="duplicate key"):
+        KvcReader(write(tmp_path, assemble(dup, [raw_layer(0), raw_layer(1)])))
+
+
+def test_header_not_a_map(tmp_path):
+    with pytest.raises(MetadataError, match="not a msgpack map"):
+        KvcReader(write(tmp_path, assemble(msgpack.packb([1, 2]), [])))
+
+
+def test_header_trailing_msgpack_bytes(tmp_path):
+    hb = msgpack.packb(header_dict(), use_bin_type=True) + b"\x01"
+    with pytest.raises(MetadataError):
+        KvcReader(write(tmp_path, assemble(hb, [raw_layer(0), raw_layer(1)])))
+
+
+def test_bool_is_not_a_count(tmp_path):
+    header = header_dict()
+    header["cache"]["layers"] = True
+    with pytest.raises(MetadataError, match="must be int"):
+        KvcReader(write(tmp_path, assemble(header, [raw_layer(0)])))
+
+
+def test_prefix_ids_must_match_tokens(tmp_path):
+    header = header_dict()
+    header["prompt"]["prefix_ids"] = [1, 2]
+    with pytest.raises(MetadataError, match="prefix_ids"):
+        KvcReader(write(tmp_path, assemble(header, [raw_layer(0), raw_layer(1)])))
+
+
+def test_missing_layer(tmp_path):
+    with pytest.raises(LayoutError, match="no section"):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=2), [raw_layer(0)])))
+
+
+def test_duplicate_layer(tmp_path):
+    with pytest.raises(LayoutError, match="two sections"):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=2), [raw_layer(0), raw_layer(0)])))
+
+
+def test_trailing_bytes_before_footer(tmp_path):
+    data = valid_file()
+    tampered = data[:-24] + b"\0" * 8 + data[-24:]
+    with pytest.raises(LayoutError, match="trailing"):
+        KvcReader(write(tmp_path, tampered))
+
+
+def test_overlapping_sections(tmp_path):
+    header = header_dict()
+    entries, payloads = [], []
+    for i in range(2):
+        entry, payload = raw_layer(i)
+        entries.append({**entry, "offset": 128, "length": len(payload), "crc32": 0})
+        payloads.append(payload)
+    index = msgpack.packb({"sections": entries})
+    with pytest.raises(LayoutError):
+        KvcReader(write(tmp_path, assemble(header, [], index=index)))
+
+
+def test_nonzero_padding_fails_verify(tmp_path):
+    data = bytearray(valid_file())
+    with KvcReader(write(tmp_path, bytes(data))) as r:
+        gap_start = r.sections[0].offset + r.sections[0].length
+        gap_end = r.sections[1].offset
+    assert gap_end > gap_start
+    data[gap_start] = 1
+    with KvcReader(write(tmp_path, bytes(data))) as r, pytest.raises(LayoutError, match="padding"):
+        r.verify()
+
+
+def test_header_length_cap(tmp_path):
+    data = bytearray(valid_file())
+    data[16:20] = struct.pack("<I", 0xFFFFFFF0)
+    with pytest.raises(LimitError):
+        KvcReader(write(tmp_path, bytes(data)))
+
+
+def test_huge_shape_is_capped_before_allocation(tmp_path):
+    entry, payload = raw_layer(0)
+    for s in entry["streams"]:
+        s["shape"] = [2**40, 2**40, 4]
+    with pytest.raises(LimitError):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=1), [(entry, payload)])))
+
+
+def test_huge_layer_count(tmp_path):
+    with pytest.raises(LimitError):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=2**40), [])))
+
+
+def test_negative_offset(tmp_path):
+    entry, payload = raw_layer(0)
+    entry["streams"][0]["offset"] = -1
+    with pytest.raises(LimitError):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=1), [(entry, payload)])))
+
+
+def test_decoded_length_must_match_shape(tmp_path):
+    entry, payload = raw_layer(0)
+    entry["streams"][0]["decoded_length"] += 2
+    with pytest.raises(MetadataError, match="decoded bytes"):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=1), [(entry, payload)])))
+
+
+def test_unknown_codec(tmp_path):
+    entry, payload = raw_layer(0)
+    entry["streams"][1]["codec"] = "lz77"
+    with pytest.raises(CodecError, match="unknown codec"):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=1), [(entry, payload)])))
+
+
+def test_unknown_dtype(tmp_path):
+    entry, payload = raw_layer(0)
+    entry["streams"][0]["dtype"] = "float8"
+    with pytest.raises(MetadataError, match="dtype"):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=1), [(entry, payload)])))
+
+
+def _zstd_layer(payload_k: bytes, declared: int, shuffle=2) -> tuple[dict, bytes]:
+    shape = [2, 5, 4]
+    size = 2 * 5 * 4 * 2
+    entry = {"type": "kv_layer", "required": True, "layer": 0, "streams": [
+        {"name": "keys", "codec": "zstd", "params": {"shuffle": shuffle}, "dtype": "float16", "shape": shape,
+         "offset": 0, "length": len(payload_k), "decoded_length": size},
+        {"name": "values", "codec": "raw", "params": {}, "dtype": "float16", "shape": shape,
+         "offset": len(payload_k), "length": size, "decoded_length": size},
+    ]}
+    return entry, payload_k + b"\0" * size
+
+
+def _read_all(tmp_path, data: bytes):
+    with KvcReader(write(tmp_path, data)) as r:
+        r.verify()
+
+
+def test_zstd_bomb_declared_size_is_checked(tmp_path):
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    with pytest.raises(CodecError, match="declares"):
+        _read_all(tmp_path, assemble(header_dict(layers=1), [_zstd_layer(bomb, 80)]))
+
+
+def test_zstd_trailing_bytes(tmp_path):
+    frame = zstandard.ZstdCompressor().compress(b"\0" * 80) + b"junk"
+    with pytest.raises(CodecError, match="after its frame"):
+        _read_all(tmp_path, assemble(header_dict(layers=1), [_zstd_layer(frame, 80)]))
+
+
+def test_zstd_truncated(tmp_path):
+    frame = zstandard.ZstdCompressor().compress(np.arange(40, dtype="<f2").tobytes())[:-3]
+    with pytest.raises(CodecError):
+        _read_all(tmp_path, assemble(header_dict(layers=1), [_zstd_layer(frame, 80)]))
+
+
+def test_zstd_bad_shuffle(tmp_path):
+    frame = zstandard.ZstdCompressor().compress(b"\0" * 80)
+    with pytest.raises(CodecError, match="shuffle"):
+        _read_all(tmp_path, assemble(header_dict(layers=1), [_zstd_layer(frame, 80, shuffle=3)]))
+
+
+def test_not_zstd_payload(tmp_path):
+    with pytest.raises(CodecError):
+        _read_all(tmp_path, assemble(header_dict(layers=1), [_zstd_layer(b"\xff" * 16, 80)]))
