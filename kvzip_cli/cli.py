@@ -267,6 +267,78 @@ def verify(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_ou
         typer.echo(f"{file}: ok ({sections} layer sections, all checksums match)")
 
 
+def _numbers(text: str, kind: type, option: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise KvcError(f"{option} takes comma-separated numbers, not {text!r}") from None
+    if not values:
+        raise KvcError(f"{option} is empty")
+    return values
+
+
+@app.command()
+@cli_errors
+def bench(
+    document: Annotated[Path, typer.Argument(help="UTF-8 text file to measure on.")],
+    model: ModelOption = "smollm2",
+    ratios: Annotated[str, typer.Option(help="Kept fractions for pruning settings and peers, comma-separated.")] = (
+        "0.5,0.3,0.2,0.1"
+    ),
+    bits: Annotated[str, typer.Option(help="Bit widths for kvc settings, comma-separated.")] = "16",
+    scorers: Annotated[str, typer.Option(help="kvc scorers to sweep, comma-separated (none in this version).")] = "",
+    peers: Annotated[bool, typer.Option("--peers", help="Also measure NVIDIA kvpress presses (KVzip, Compactor, "
+                                        "SnapKV, Knorm) at the same kept ratios.")] = False,
+    probes: Annotated[Path | None, typer.Option(help="File of extra probe questions, one per line.")] = None,
+    new_tokens: Annotated[int, typer.Option(min=1, max=256, help="Length N of the reference answers.")] = 32,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of kld and top1 against compression.")] = None,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = "auto",
+    json_output: JsonOption = False,
+):
+    """Measure fidelity (kld, top1, delta_nll, agreement@N, needle), size and speed against the full cache.
+
+    Three key sentences are planted in the document (at 10%, 50% and 90%) for the needle test, and every setting
+    is measured on that same text, with the same probes: built-in reconstruction, summary and topic questions,
+    plus --probes. The full cache's greedy answers are the reference.
+    """
+    from .bench.peers import require_kvpress
+    from .bench.probes import read_probes
+    from .bench.report import plot as write_plot
+    from .bench.report import print_table, require_matplotlib
+    from .bench.runner import run_bench
+    from .bench.sweep import build_sweep
+    from .document import read_document
+    from .models import load_model
+    from .progress import progress_bars
+
+    sweep = build_sweep(
+        ratios=_numbers(ratios, float, "--ratios"),
+        bits=_numbers(bits, int, "--bits"),
+        scorers=tuple(s.strip() for s in scorers.split(",") if s.strip()),
+        peers=peers,
+    )
+    if peers:
+        require_kvpress()
+    if plot is not None:
+        require_matplotlib()
+        if not plot.parent.is_dir():
+            raise KvcError(f"plot folder {plot.parent} does not exist")
+    text = read_document(str(document))
+    user_probes = read_probes(probes) if probes else []
+    lm = load_model(model, device=device, dtype=dtype)
+    with progress_bars(True) as task:
+        result = run_bench(text, str(document), lm, sweep, user_probes, task, new_tokens).as_json()
+    if plot is not None:
+        write_plot([result], plot)
+    if json_output:
+        _emit_json(result)
+    else:
+        print_table(result)
+        if plot is not None:
+            typer.echo(f"plot written to {plot}")
+
+
 @app.command()
 def version():
     """Print kvc's version."""

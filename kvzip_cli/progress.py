@@ -17,7 +17,7 @@ Advance = Callable[[int], None]
 TaskFactory = Callable[[str, int], Advance]
 
 
-def _silent(description: str, total: int) -> Advance:
+def silent_task(description: str, total: int) -> Advance:
     return lambda n=1: None
 
 
@@ -25,7 +25,7 @@ def _silent(description: str, total: int) -> Advance:
 def progress_bars(enabled: bool) -> Iterator[TaskFactory]:
     """Yields `task(description, total) -> advance(n)`."""
     if not enabled:
-        yield _silent
+        yield silent_task
         return
     bars = Progress(
         TextColumn("{task.description:<12}"),

@@ -40,7 +40,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return _train_tokenizer()
 
 
-def tiny_model(arch: str, tokenizer, seed: int = 0) -> LoadedModel:
+def tiny_model(arch: str, tokenizer, seed: int = 0, initializer_range: float = 0.02) -> LoadedModel:
     torch.manual_seed(seed)
     common = dict(
         vocab_size=len(tokenizer),
@@ -52,6 +52,7 @@ def tiny_model(arch: str, tokenizer, seed: int = 0) -> LoadedModel:
         max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     classes = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "llama": (LlamaForCausalLM, LlamaConfig)}
     model_class, config_class = classes[arch]

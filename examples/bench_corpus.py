@@ -1,0 +1,93 @@
+"""Run the standard bench sweep over the example corpus and write examples/results/ (JSON per document, an
+averaged table, and a PNG), so results can be compared across commits.
+
+    python examples/bench_corpus.py [--peers] [--ratios 0.5,0.3,0.2,0.1] [DOC ...]
+
+With --peers and the default ratios this takes about 10-15 minutes per 4k-token document on 2 CPU cores.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from kvzip_cli.bench.peers import require_kvpress
+from kvzip_cli.bench.report import plot
+from kvzip_cli.bench.runner import run_bench
+from kvzip_cli.bench.sweep import DEFAULT_RATIOS, build_sweep
+from kvzip_cli.document import read_document
+from kvzip_cli.models import load_model
+from kvzip_cli.progress import progress_bars
+
+HERE = Path(__file__).parent
+METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "needle", "compression", "compress_seconds",
+           "load_seconds")
+
+
+def averaged(results: list[dict]) -> list[dict]:
+    """Mean of each metric per setting over the documents (settings in sweep order)."""
+    by_setting: dict[str, list[dict]] = {}
+    for result in results:
+        for row in result["rows"]:
+            by_setting.setdefault(row["setting"], []).append(row)
+    table = []
+    for setting, rows in by_setting.items():
+        mean = {"setting": setting, "documents": len(rows)}
+        for key in METRICS:
+            values = [r[key] for r in rows if r[key] is not None]
+            mean[key] = sum(values) / len(values) if values else None
+        table.append(mean)
+    return table
+
+
+def markdown(table: list[dict], results: list[dict]) -> str:
+    lines = [
+        f"# kvc bench over {len(results)} documents ({results[0]['model']})",
+        "",
+        "Documents: " + ", ".join(f"{Path(r['document']).name} ({r['tokens']} tokens, full-cache needle "
+                                  f"{r['needle_full']:.2f})" for r in results),
+        "",
+        "| setting | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for row in table:
+        cells = ["–" if row[k] is None else f"{row[k]:.4g}" for k in METRICS]
+        lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("docs", nargs="*", type=Path, default=sorted((HERE / "docs").glob("*.txt")))
+    parser.add_argument("--peers", action="store_true")
+    parser.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if args.peers:
+        require_kvpress()
+    sweep = build_sweep(ratios=tuple(float(r) for r in args.ratios.split(",")), peers=args.peers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lm = load_model("smollm2")
+    results = []
+    for doc in args.docs:
+        started = time.perf_counter()
+        with progress_bars(True) as task:
+            result = run_bench(read_document(str(doc)), doc.name, lm, sweep, [], task).as_json()
+        result["bench_seconds"] = time.perf_counter() - started
+        (args.out / f"{doc.stem}.json").write_text(json.dumps(result, indent=2))
+        results.append(result)
+        print(f"{doc.name}: {result['tokens']} tokens, {result['bench_seconds']:.0f} s", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    table = averaged(results)
+    summary = {"commit": commit.strip(), "machine": platform.processor() or platform.machine(),
+               "documents": [r["document"] for r in results], "averaged": table}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "summary.md").write_text(markdown(table, results))
+    plot(results, args.out / "corpus.png")
+    print((args.out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Run a sweep on one document: prefill once, take the full cache's answers, then measure every setting."""
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import zstandard
+
+from ..compress import Prefilled, prefill_document, raw_fp16_bytes, write_kvc
+from ..load import load
+from ..models import LoadedModel
+from ..progress import TaskFactory, silent_task
+from .evaluate import CacheUnderTest, Evaluator, Reference
+from .peers import clear_masks, run_press
+from .probes import Probe, builtin_probes, plant_needles
+from .sweep import Setting
+
+
+@dataclass
+class BenchResult:
+    document: str
+    model: str
+    tokens: int
+    probes: list[Probe]
+    needles: list[Probe]
+    reference: Reference
+    reference_answers: list[str]
+    prefill_seconds: float
+    rows: list[dict]
+
+    def as_json(self) -> dict:
+        return {
+            "document": self.document,
+            "model": self.model,
+            "tokens": self.tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "needle_full": _fraction(self.reference.needle_hits),
+            "probes": [
+                {"kind": p.kind, "question": p.question, "full_cache_answer": a}
+                for p, a in zip(self.probes, self.reference_answers, strict=True)
+            ],
+            "needles": [{"question": p.question, "key": p.expect} for p in self.needles],
+            "rows": self.rows,
+        }
+
+
+def _fraction(hits: list[bool]) -> float:
+    return sum(hits) / max(len(hits), 1)
+
+
+def _geometry(pre: Prefilled) -> tuple[int, int, int]:
+    return len(pre.cache.layers), pre.identity["num_kv_heads"], pre.identity["head_dim"]
+
+
+def _row(setting: Setting, pre: Prefilled, **values) -> dict:
+    layers, heads, head_dim = _geometry(pre)
+    raw = raw_fp16_bytes(layers, heads, head_dim, pre.tokens)
+    kept = values.pop("kept_ratio", setting.ratio)
+    file_bytes = values.get("file_bytes")
+    stored = file_bytes if file_bytes is not None else raw * kept  # a peer stores nothing: count kept fp16 entries
+    elements = 2 * layers * heads * head_dim * pre.tokens * kept
+    row = {
+        "setting": setting.label, "family": setting.family, "kind": setting.kind, "ratio": setting.ratio,
+        "kept_ratio": kept, "bits": setting.bits, "codec": setting.codec, "kld": None, "top1": None,
+        "delta_nll": None, "agreement": None, "needle": None, "file_bytes": None, "raw_bytes": raw,
+        "compression": raw / stored,
+        "bits_per_element": 8 * file_bytes / elements if file_bytes else None,
+        "compress_seconds": None, "prefill_seconds": pre.prefill_seconds, "load_seconds": None, "error": None,
+    }
+    row.update(values)
+    return row
+
+
+def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator, reference: Reference,
+                 workdir: Path) -> dict:
+    path = workdir / "bench.kvc"
+    made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits)
+    kv = load(path, lm)
+    metrics = evaluator.evaluate(CacheUnderTest(kv.cache, pre.tokens), reference)
+    path.unlink()
+    return _row(setting, pre, **metrics, file_bytes=made.file_bytes, compress_seconds=made.seconds,
+                load_seconds=kv.load_seconds)
+
+
+def _measure_peer(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator,
+                  reference: Reference) -> dict:
+    """A press that fails (kvpress raises on some models) gives a row with its error; the sweep goes on."""
+    try:
+        cache, kept, seconds = run_press(setting.peer, setting.ratio, lm, pre.layout.prefix_ids)
+        metrics = evaluator.evaluate(CacheUnderTest(cache, pre.tokens), reference)
+    except Exception as exc:  # noqa: BLE001 (third-party code; the row records what went wrong)
+        return _row(setting, pre, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        clear_masks(lm)
+    return _row(setting, pre, **metrics, kept_ratio=kept, compress_seconds=seconds)
+
+
+def _measure_size(setting: Setting, pre: Prefilled) -> dict:
+    tensors = {}
+    for i, layer in enumerate(pre.cache.layers):
+        tensors[f"layer.{i}.keys"] = layer.keys[0].to(torch.float16).contiguous()
+        tensors[f"layer.{i}.values"] = layer.values[0].to(torch.float16).contiguous()
+    data = safetensors.torch.save(tensors)
+    if setting.codec == "safetensors+zstd":
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    return _row(setting, pre, file_bytes=len(data))
+
+
+def run_bench(text: str, document: str, lm: LoadedModel, sweep: list[Setting], user_probes: list[Probe],
+              task: TaskFactory = silent_task, new_tokens: int = 32) -> BenchResult:
+    """Measure every setting of `sweep` on `text` (with needles planted) against its full cache."""
+    planted, needles = plant_needles(text)
+    probes = builtin_probes(text) + user_probes
+    advance = task("bench", 2 + len(sweep))
+    pre = prefill_document(planted, lm)
+    advance(1)
+    evaluator = Evaluator(lm, pre.layout, probes, needles, new_tokens)
+    reference = evaluator.reference(CacheUnderTest(pre.cache, pre.tokens))
+    advance(1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvc-bench-") as tmp:
+        for setting in sweep:
+            started = time.perf_counter()
+            if setting.kind == "kvc":
+                row = _measure_kvc(setting, pre, lm, evaluator, reference, Path(tmp))
+            elif setting.kind == "peer":
+                row = _measure_peer(setting, pre, lm, evaluator, reference)
+            else:
+                row = _measure_size(setting, pre)
+            rows.append({**row, "needle_full": _fraction(reference.needle_hits),
+                         "bench_seconds": time.perf_counter() - started})
+            advance(1)
+    answers = [evaluator.answer_text(r) for r in reference.probes]
+    return BenchResult(document, lm.name, pre.tokens, probes, needles, reference, answers, pre.prefill_seconds,
+                       rows)

@@ -1,0 +1,236 @@
+"""kvc bench: metrics on cases with known answers, probes and needles, the harness end to end on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
+from kvzip_cli.bench.metrics import FidelityTotals, agreement, needle_found
+from kvzip_cli.bench.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
+from kvzip_cli.cli import app
+from kvzip_cli.compress import prefill_document
+from kvzip_cli.errors import KvcError
+
+from conftest import DOCS, tiny_model
+
+TEXT = DOCS.joinpath("apache-2.0.txt").read_text()[:2500]
+runner = CliRunner()
+
+
+def logprobs(rows):
+    return torch.log_softmax(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+def test_identical_distributions_are_perfect():
+    ref = logprobs([[2.0, 0.0, -1.0], [0.0, 3.0, 0.5]])
+    totals = FidelityTotals()
+    totals.add_positions(ref, ref.clone(), [0, 1])
+    totals.add_agreement([0, 1], [0, 1])
+    assert totals.summary() == {"kld": 0.0, "top1": 1.0, "delta_nll": 0.0, "agreement": 1.0}
+
+
+def test_known_kl_top1_and_nll():
+    p = [0.75, 0.25]
+    q = [0.25, 0.75]
+    ref, got = torch.tensor([p]).log(), torch.tensor([q]).log()
+    totals = FidelityTotals()
+    totals.add_positions(ref, got, [0])
+    summary = totals.summary()
+    assert summary["kld"] == pytest.approx(0.75 * math.log(3) + 0.25 * math.log(1 / 3))
+    assert summary["top1"] == 0.0
+    assert summary["delta_nll"] == pytest.approx(-math.log(0.25) + math.log(0.75))
+
+
+def test_agreement_is_common_prefix_over_reference_length():
+    assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert agreement([1, 2], [1, 2, 3]) == 1.0
+    assert agreement([5, 6], [7]) == 0.0
+
+
+def test_needle_match_ignores_grouping():
+    assert needle_found("The code is 48,213.", "48213")
+    assert not needle_found("The code is 48214.", "48213")
+
+
+def test_needles_are_planted_deterministically():
+    planted, needles = plant_needles(TEXT)
+    again, _ = plant_needles(TEXT)
+    assert planted == again and len(needles) == len(NEEDLE_DEPTHS)
+    for probe in needles:
+        assert probe.expect in planted and probe.expect not in TEXT
+    restored = planted
+    for probe in needles:
+        name = probe.question.split("for the ")[1].split(" folder")[0]
+        restored = restored.replace(f"The secret code for the {name} folder is {probe.expect}.\n\n", "")
+    assert restored == TEXT
+
+
+def test_builtin_probes_quote_the_document():
+    probes = builtin_probes(TEXT)
+    recon = [p for p in probes if p.kind == "reconstruction"]
+    assert len(recon) == 4 and {p.kind for p in probes} >= {"summary", "topic"}
+    for probe in recon:
+        snippet = probe.question.split("«")[1].rstrip("»")
+        assert " ".join(snippet.split()) in " ".join(TEXT.split())
+
+
+def test_user_probes(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\n\nWho wins?\n  What else?  \n")
+    assert [p.question for p in read_probes(path)] == ["Who wins?", "What else?"]
+    path.write_text("# nothing\n")
+    with pytest.raises(KvcError, match="no questions"):
+        read_probes(path)
+    with pytest.raises(KvcError, match="does not exist"):
+        read_probes(tmp_path / "missing.txt")
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def evaluated(request, tiny_tokenizer):
+    # Larger initial weights give peaked attention, so damage to the cache shows; at the default 0.02 a random
+    # model attends almost uniformly and barely notices.
+    tiny = tiny_model(request.param, tiny_tokenizer, initializer_range=0.2)
+    planted, needles = plant_needles(TEXT)
+    pre = prefill_document(planted, tiny)
+    evaluator = Evaluator(tiny, pre.layout, builtin_probes(TEXT)[:3], needles[:1], new_tokens=8)
+    reference = evaluator.reference(CacheUnderTest(pre.cache, pre.tokens))
+    return pre, evaluator, reference
+
+
+def test_full_cache_against_itself_is_perfect(evaluated):
+    pre, evaluator, reference = evaluated
+    metrics = evaluator.evaluate(CacheUnderTest(pre.cache, pre.tokens), reference)
+    assert metrics["kld"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["top1"] == 1.0 and metrics["agreement"] == 1.0
+    assert metrics["delta_nll"] == pytest.approx(0.0, abs=1e-9)
+    assert pre.cache.get_seq_length() == pre.tokens  # evaluation leaves the cache as it found it
+
+
+@pytest.mark.parametrize("damage", ["shuffle", "zero"])
+def test_damaged_cache_scores_clearly_worse(evaluated, damage):
+    """Attention is invariant to reordering whole (key, value) pairs, so shuffling pairs each value with a
+    different key; zeroing wipes the values."""
+    pre, evaluator, reference = evaluated
+    for layer in pre.cache.layers:
+        if damage == "shuffle":
+            order = torch.randperm(pre.tokens, generator=torch.Generator().manual_seed(0))
+            layer.values = layer.values[:, :, order]
+        else:
+            layer.values = torch.zeros_like(layer.values)
+    metrics = evaluator.evaluate(CacheUnderTest(pre.cache, pre.tokens), reference)
+    assert metrics["kld"] > 1e-3 and metrics["delta_nll"] > 0
+    assert metrics["top1"] < 1.0
+
+
+def bench(*args):
+    return runner.invoke(app, ["bench", *map(str, args)])
+
+
+def test_bench_end_to_end_on_tiny_model(tmp_path, tiny_folder, short_doc):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "out.png"
+    result = bench(short_doc, "--model", tiny_folder, "--bits", "16,32", "--new-tokens", "6", "--plot", plot, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {row["setting"]: row for row in data["rows"]}
+    assert set(rows) == {"kvc 16-bit raw", "kvc 16-bit zstd", "kvc 32-bit raw", "kvc 32-bit zstd", "fp16 safetensors",
+                         "fp16 safetensors + zstd"}
+    exact = rows["kvc 32-bit zstd"]
+    assert exact["kld"] == 0.0 and exact["top1"] == 1.0 and exact["agreement"] == 1.0
+    assert rows["kvc 16-bit raw"]["kld"] < 1e-3
+    assert rows["kvc 16-bit zstd"]["file_bytes"] < rows["kvc 16-bit raw"]["file_bytes"]
+    assert rows["fp16 safetensors"]["compression"] == pytest.approx(1.0, rel=0.01)
+    assert rows["kvc 32-bit raw"]["bits_per_element"] == pytest.approx(32, rel=0.01)
+    for key in ("kld", "top1", "delta_nll", "agreement", "needle", "needle_full", "file_bytes", "compression",
+                "bits_per_element", "compress_seconds", "prefill_seconds", "load_seconds"):
+        assert key in exact
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p["kind"] for p in data["probes"]].count("reconstruction") == 4
+
+
+def test_bench_table_output(tiny_folder, short_doc):
+    result = bench(short_doc, "--model", tiny_folder, "--new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "kvc 16-bit zstd" in result.stdout and "agree@32" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def clustered_folder(tmp_path_factory, tiny_tokenizer):
+    """A tiny model whose queries share a direction, as a trained model's do. KVzipPress masks keys with a fake key
+    that needs all queries in one half-space, which random-weight queries are not."""
+    folder = tmp_path_factory.mktemp("clustered")
+    lm = tiny_model("qwen2", tiny_tokenizer)
+    with torch.no_grad():
+        for layer in lm.model.model.layers:
+            layer.self_attn.q_proj.bias.fill_(1.0)
+    lm.model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bench_with_kvpress_peers(clustered_folder, short_doc):
+    pytest.importorskip("kvpress")
+    result = bench(short_doc, "--model", clustered_folder, "--peers", "--ratios", "0.5", "--new-tokens", "4",
+                   "--json")
+    assert result.exit_code == 0, result.output
+    peers = [row for row in json.loads(result.stdout)["rows"] if row["kind"] == "peer"]
+    assert {row["setting"] for row in peers} == {"kvpress KVzipPress 0.5", "kvpress CompactorPress 0.5",
+                                                 "kvpress SnapKVPress 0.5", "kvpress KnormPress 0.5"}
+    for row in peers:
+        assert row["error"] is None, row["error"]
+        assert row["kept_ratio"] == pytest.approx(0.5, abs=0.02)
+        assert row["kld"] > 0 and row["compression"] == pytest.approx(1 / row["kept_ratio"])
+
+
+def test_peers_without_kvpress_is_one_line(monkeypatch, short_doc):
+    import kvzip_cli.bench.peers as peers
+
+    monkeypatch.setattr(peers, "kvpress_available", lambda: False)
+    result = bench(short_doc, "--peers")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --peers needs NVIDIA kvpress: pip install 'kvc[bench]' (or pip install kvpress)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [(["--ratios", "a,b"], "comma-separated"), (["--ratios", "0"], "out of range"), (["--bits", "4"], "not available"),
+     (["--scorers", "kvzip"], "not available"), (["--probes", "/no/such/file"], "does not exist")],
+)
+def test_bench_bad_options(tiny_folder, short_doc, args, fragment):
+    result = bench(short_doc, "--model", tiny_folder, *args)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+
+
+def test_peer_answers_match_kvpress_own_pipeline(clustered_folder):
+    """The harness applies a press exactly as kvpress's pipeline does: same greedy answers."""
+    kvpress = pytest.importorskip("kvpress")
+    from transformers import DynamicCache
+
+    from kvzip_cli.bench.peers import clear_masks, run_press
+    from kvzip_cli.models import load_model
+
+    lm = load_model(str(clustered_folder), device="cpu")
+    planted, needles = plant_needles(TEXT)
+    probes = builtin_probes(TEXT)[:2]
+    pre = prefill_document(planted, lm)
+    evaluator = Evaluator(lm, pre.layout, probes, needles, new_tokens=8)
+    pipeline = kvpress.KVPressTextGenerationPipeline(model=lm.model, tokenizer=lm.tokenizer)
+    for name in ("KVzipPress", "SnapKVPress"):
+        with torch.inference_mode():
+            cache, _, _ = run_press(name, 0.5, lm, pre.layout.prefix_ids)
+            ours = [lm.tokenizer.decode(evaluator.greedy(CacheUnderTest(cache, pre.tokens), evaluator.questions[p], 8),
+                                        skip_special_tokens=True) for p in probes]
+            clear_masks(lm)
+            inputs = {"context_ids": torch.tensor([pre.layout.prefix_ids]),
+                      "questions_ids": [torch.tensor([evaluator.questions[p]]) for p in probes]}
+            theirs = pipeline._forward(inputs, max_new_tokens=8, press=getattr(kvpress, name)(compression_ratio=0.5),
+                                       cache=DynamicCache())
+            clear_masks(lm)
+        assert ours == theirs, name
