@@ -9,11 +9,12 @@ from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTraine
 
 from kvc_format import KvcReader
 
+from .devices import DTYPE_NAMES
 from .document import question_ids
 from .errors import KvcError
 from .fingerprint import differences, fingerprint
 from .models import LoadedModel
-from .progress import TaskFactory
+from .progress import TaskFactory, silent_task
 from .tensors import from_stored
 
 
@@ -48,7 +49,7 @@ def check_identity(header: dict, model: PreTrainedModel, tokenizer: PreTrainedTo
         return
     made_with = recorded.get("name", "an unnamed model")
     hint = ""
-    if diff == ["weight_digest"] and "float16" in (recorded.get("dtype"), str(model.dtype).split(".")[-1]):
+    if diff == ["weight_digest"] and "float16" in (recorded.get("dtype"), DTYPE_NAMES.get(model.dtype)):
         hint = f"; if it is the same checkpoint, load it with --dtype {recorded.get('dtype')}"
     raise KvcError(
         f"this file was made with model {made_with!r} and the given model differs in {', '.join(diff)}: "
@@ -60,7 +61,7 @@ def load(
     path: str | os.PathLike,
     model: PreTrainedModel | LoadedModel,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    task: TaskFactory | None = None,
+    task: TaskFactory = silent_task,
 ) -> LoadedKV:
     """Read `path` into a cache for `model` (on its device, in its dtype) after checking it is the same model."""
     if isinstance(model, LoadedModel):
@@ -75,14 +76,13 @@ def load(
         check_identity(reader.header, model, tokenizer)
         geometry = reader.geometry
         cache = DynamicCache(config=model.config)
-        advance = task("load", geometry.layers) if task else None
+        advance = task("load", geometry.layers)
         for layer in range(geometry.layers):
             keys, values = reader.read_layer(layer)
             k = from_stored(keys, model.device, model.dtype).unsqueeze(0)
             v = from_stored(values, model.device, model.dtype).unsqueeze(0)
             cache.update(k, v, layer)
-            if advance:
-                advance(1)
+            advance(1)
         prompt = reader.header["prompt"]
         input_ids = torch.tensor([prompt["prefix_ids"]], device=model.device)
     if model.device.type == "cuda":
