@@ -201,6 +201,8 @@ def load(
 
 
 def _summary(reader: KvcReader) -> dict:
+    from .compress import raw_fp16_bytes
+
     header = reader.header
     g = reader.geometry
     return {
@@ -211,7 +213,7 @@ def _summary(reader: KvcReader) -> dict:
         "tokens": g.tokens,
         "kept_ratio": header.get("settings", {}).get("ratio", 1.0),
         "file_bytes": reader.file_size,
-        "raw_bytes": 2 * g.layers * g.kv_heads * g.head_dim * g.tokens * 2,
+        "raw_bytes": raw_fp16_bytes(g.layers, g.kv_heads, g.head_dim, g.tokens),
         "cache": header["cache"],
         "settings": header.get("settings", {}),
         "prompt": {k: v for k, v in header["prompt"].items() if k != "prefix_ids"},

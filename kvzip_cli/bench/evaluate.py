@@ -4,6 +4,8 @@ Every forward pass gives explicit positions (the context length + offset), so a 
 is shorter than the context it stands for, sees its question at the positions the full cache would.
 """
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,14 +39,16 @@ class Reference:
     needle_hits: list[bool]
 
 
-def _lengths(cache: Cache) -> list[int]:
-    return [layer.keys.shape[-2] for layer in cache.layers]
-
-
-def _truncate(cache: Cache, lengths: list[int]) -> None:
-    for layer, n in zip(cache.layers, lengths, strict=True):
-        layer.keys = layer.keys[..., :n, :]
-        layer.values = layer.values[..., :n, :]
+@contextlib.contextmanager
+def _restored(cache: Cache) -> Iterator[None]:
+    """Drop whatever the block appends to `cache`, layer by layer (a pruned cache's layers differ in length)."""
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    try:
+        yield
+    finally:
+        for layer, n in zip(cache.layers, lengths, strict=True):
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
 
 
 def _forward(model: PreTrainedModel, cut: CacheUnderTest, ids: list[int], start: int, all_logits: bool):
@@ -78,8 +82,7 @@ class Evaluator:
         self.stop = {t for t in [*stop, lm.tokenizer.eos_token_id] if t is not None}
 
     def greedy(self, cut: CacheUnderTest, question: list[int], max_tokens: int) -> list[int]:
-        lengths = _lengths(cut.cache)
-        try:
+        with _restored(cut.cache):
             position = cut.context_length
             token = int(_forward(self.model, cut, question, position, False)[-1].argmax())
             answer, position = [token], position + len(question)
@@ -88,16 +91,11 @@ class Evaluator:
                 answer.append(token)
                 position += 1
             return answer
-        finally:
-            _truncate(cut.cache, lengths)
 
     def answer_logprobs(self, cut: CacheUnderTest, question: list[int], answer: list[int]) -> torch.Tensor:
-        lengths = _lengths(cut.cache)
-        try:
+        with _restored(cut.cache):
             logits = _forward(self.model, cut, question + answer[:-1], cut.context_length, True)
             return torch.log_softmax(logits[len(question) - 1 :].float(), dim=-1)
-        finally:
-            _truncate(cut.cache, lengths)
 
     def _needle_hits(self, cut: CacheUnderTest) -> list[bool]:
         hits = []

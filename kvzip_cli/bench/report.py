@@ -36,8 +36,6 @@ def print_table(result: dict, console: Console | None = None) -> None:
             value = row[key]
             if key == "file_bytes":
                 cells.append("–" if value is None else f"{value / 1e6:.2f}")
-            elif key == "setting":
-                cells.append(value)
             else:
                 cells.append(_fmt(value, spec))
         table.add_row(*cells)
