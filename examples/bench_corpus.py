@@ -1,9 +1,11 @@
 """Run the standard bench sweep over the example corpus and write examples/results/ (JSON per document, an
 averaged table, and a PNG), so results can be compared across commits.
 
-    python examples/bench_corpus.py [--peers] [--ratios 0.5,0.3,0.2,0.1] [DOC ...]
+    python examples/bench_corpus.py [--peers [NAME,...]] [--scorers kvzip,...] [--allocations global,...]
+                                    [--ratios 0.5,0.3,0.2,0.1] [DOC ...]
 
-With --peers and the default ratios this takes about 10-15 minutes per 4k-token document on 2 CPU cores.
+With every scorer, --peers KVzipPress,CompactorPress and the default ratios this takes about 20 minutes per
+4k-token document on 2 CPU cores.
 """
 
 import argparse
@@ -13,17 +15,17 @@ import subprocess
 import time
 from pathlib import Path
 
-from kvzip_cli.bench.peers import require_kvpress
+from kvzip_cli.bench.peers import PEERS, require_kvpress
 from kvzip_cli.bench.report import plot
 from kvzip_cli.bench.runner import run_bench
-from kvzip_cli.bench.sweep import DEFAULT_RATIOS, build_sweep
+from kvzip_cli.bench.sweep import DEFAULT_RATIOS, KVC_SCORERS, build_sweep
 from kvzip_cli.document import read_document
 from kvzip_cli.models import load_model
 from kvzip_cli.progress import progress_bars
 
 HERE = Path(__file__).parent
-METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "needle", "compression", "compress_seconds",
-           "load_seconds")
+METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "needle", "compression", "memory_ratio",
+           "compress_seconds", "score_seconds", "prefill_seconds", "load_seconds")
 
 
 def averaged(results: list[dict]) -> list[dict]:
@@ -61,13 +63,18 @@ def markdown(table: list[dict], results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("docs", nargs="*", type=Path, default=sorted((HERE / "docs").glob("*.txt")))
-    parser.add_argument("--peers", action="store_true")
+    parser.add_argument("--peers", nargs="?", const=",".join(PEERS), default="",
+                        help="kvpress presses to measure beside kvc (all when given without names)")
+    parser.add_argument("--scorers", default=",".join(KVC_SCORERS))
+    parser.add_argument("--allocations", default="", help="default: each scorer's own")
     parser.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.peers:
         require_kvpress()
-    sweep = build_sweep(ratios=tuple(float(r) for r in args.ratios.split(",")), peers=args.peers)
+    names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    sweep = build_sweep(ratios=tuple(float(r) for r in args.ratios.split(",")), scorers=names(args.scorers),
+                        peers=names(args.peers), allocations=names(args.allocations) or (None,))
     args.out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2")
     results = []

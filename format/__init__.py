@@ -1,6 +1,7 @@
 """kvc_format: read and write `.kvc` KV-cache files with numpy alone (no torch, no transformers).
 
-Public surface: `KvcWriter` + `Stream` to write, `KvcReader` to read, `KvcFormatError` and its subclasses.
+Public surface: `KvcWriter` + `Stream` to write, `KvcReader` to read (`StoredLayer` per layer), `encode_positions` /
+`decode_positions` for the gap-coded kept positions of a pruned cache, `KvcFormatError` and its subclasses.
 """
 
 from .constants import MAJOR_VERSION, MINOR_VERSION
@@ -15,7 +16,8 @@ from .errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
-from .reader import CacheGeometry, KvcReader, StoredArray, bfloat16_to_float32
+from .positions import decode_positions, encode_positions
+from .reader import CacheGeometry, KvcReader, StoredArray, StoredLayer, bfloat16_to_float32
 from .writer import KvcWriter, Stream
 
 __all__ = [
@@ -33,7 +35,10 @@ __all__ = [
     "MetadataError",
     "Stream",
     "StoredArray",
+    "StoredLayer",
     "TruncatedError",
     "UnsupportedVersionError",
     "bfloat16_to_float32",
+    "decode_positions",
+    "encode_positions",
 ]

@@ -5,7 +5,7 @@ import numpy as np
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVCINDEX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 0
+MINOR_VERSION = 1
 LITTLE_ENDIAN = ord("L")
 
 PREAMBLE_SIZE = 16  # magic(8) major(u16) minor(u16) byte_order(u8) reserved(3)
@@ -32,4 +32,8 @@ DTYPES: dict[str, np.dtype] = {
 # Section types this reader understands, with the stream names each must hold.
 SECTION_STREAMS: dict[str, tuple[str, ...]] = {
     "kv_layer": ("keys", "values"),
+    "kv_layer_pruned": ("counts", "positions", "keys", "values"),
 }
+
+# The section type that stores one layer, for each `cache.layout`.
+LAYER_SECTION: dict[str, str] = {"dense": "kv_layer", "pruned": "kv_layer_pruned"}

@@ -26,7 +26,8 @@ class MetadataError(KvcFormatError):
 
 
 class LayoutError(KvcFormatError):
-    """Sections or streams have holes, overlaps, bad alignment, trailing bytes or out-of-bounds offsets."""
+    """Sections or streams have holes, overlaps, bad alignment, trailing bytes or out-of-bounds offsets, or a section
+    type does not match the cache layout."""
 
 
 class LimitError(KvcFormatError):

@@ -15,6 +15,7 @@ from .constants import (
     END_MAGIC,
     FOOTER_SIZE,
     HEADER_PREFIX_SIZE,
+    LAYER_SECTION,
     LITTLE_ENDIAN,
     MAGIC,
     MAJOR_VERSION,
@@ -39,6 +40,7 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .packing import unpack_map
+from .positions import decode_positions
 
 MAX_LAYERS = 1024
 MAX_KV_HEADS = 1024
@@ -96,12 +98,22 @@ class StoredArray(NamedTuple):
     dtype: str  # the declared element type; bfloat16 data holds its uint16 bit patterns
 
 
+class StoredLayer(NamedTuple):
+    """One layer. Dense: keys/values (kv_heads, tokens, head_dim), positions None. Pruned: keys/values
+    (kept, head_dim), row order head 0's kept positions first, and positions the per-head kept positions."""
+
+    keys: StoredArray
+    values: StoredArray
+    positions: tuple[np.ndarray, ...] | None
+
+
 @dataclass(frozen=True)
 class CacheGeometry:
     layers: int
     kv_heads: int
     tokens: int
     head_dim: int
+    layout: str = "dense"
 
 
 def _parse_stream(entry, where: str, section_length: int) -> StreamInfo:
@@ -159,13 +171,14 @@ def _parse_section(entry, where: str, file_size: int) -> SectionInfo:
 def _parse_geometry(header: dict) -> CacheGeometry:
     cache = _field(header, "cache", dict, "header")
     layout = _field(cache, "layout", str, "header.cache")
-    if layout != "dense":
+    if layout not in LAYER_SECTION:
         raise UnsupportedVersionError(f"cache layout {layout!r} is not supported by this reader")
     geometry = CacheGeometry(
         layers=_count(cache, "layers", "header.cache", 1, MAX_LAYERS),
         kv_heads=_count(cache, "kv_heads", "header.cache", 1, MAX_KV_HEADS),
         tokens=_count(cache, "tokens", "header.cache", 1, MAX_TOKENS),
         head_dim=_count(cache, "head_dim", "header.cache", 1, MAX_HEAD_DIM),
+        layout=layout,
     )
     prompt = _field(header, "prompt", dict, "header")
     prefix_ids = _field(prompt, "prefix_ids", list, "header.prompt")
@@ -183,7 +196,7 @@ class KvcReader:
     """Open a `.kvc` file and validate its structure (not yet the section checksums; see `verify`).
 
     >>> with KvcReader("doc.kvc") as r:
-    ...     keys, values = r.read_layer(0)   # (kv_heads, tokens, head_dim) each
+    ...     keys, values, positions = r.read_layer(0)   # dense: (kv_heads, tokens, head_dim) each, positions None
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -285,27 +298,44 @@ class KvcReader:
         return known
 
     def _map_layers(self) -> list[SectionInfo]:
+        """Check every layer section against the header from the index alone, before anything is decoded."""
         g = self.geometry
+        kind = LAYER_SECTION[g.layout]
         by_layer: dict[int, SectionInfo] = {}
+        kept: dict[int, int] = {}
         for s in self.sections:
-            layer = _count(s.attrs, "layer", "kv_layer section", 0, g.layers - 1)
+            if s.type != kind:
+                raise LayoutError(f"a {g.layout} cache holds a {s.type!r} section (only {kind!r} is allowed)")
+            layer = _count(s.attrs, "layer", f"{kind} section", 0, g.layers - 1)
             if layer in by_layer:
                 raise LayoutError(f"layer {layer} appears in two sections")
             names = tuple(st.name for st in s.streams)
-            if names != SECTION_STREAMS["kv_layer"]:
-                raise MetadataError(f"layer {layer} holds streams {names}, expected {SECTION_STREAMS['kv_layer']}")
+            if names != SECTION_STREAMS[kind]:
+                raise MetadataError(f"layer {layer} holds streams {names}, expected {SECTION_STREAMS[kind]}")
+            if kind == "kv_layer":
+                n = g.kv_heads * g.tokens
+                cache_shape = (g.kv_heads, g.tokens, g.head_dim)
+            else:
+                n = _count(s.attrs, "kept", f"layer {layer} section", g.kv_heads, g.kv_heads * g.tokens)
+                cache_shape = (n, g.head_dim)
+            expected = {"counts": (g.kv_heads,), "positions": (n,), "keys": cache_shape, "values": cache_shape}
             for st in s.streams:
-                if st.dtype not in CACHE_DTYPES:
-                    raise MetadataError(f"layer {layer} {st.name} has dtype {st.dtype}, not one of {CACHE_DTYPES}")
-                if st.shape != (g.kv_heads, g.tokens, g.head_dim):
-                    raise MetadataError(
-                        f"layer {layer} {st.name}: shape {list(st.shape)} does not match the header's "
-                        f"{[g.kv_heads, g.tokens, g.head_dim]}"
-                    )
+                dtypes = ("int32",) if st.name in ("counts", "positions") else CACHE_DTYPES
+                if st.dtype not in dtypes:
+                    raise MetadataError(f"layer {layer} {st.name} has dtype {st.dtype}, not one of {dtypes}")
+                want = expected[st.name]
+                if st.shape != want:
+                    raise MetadataError(f"layer {layer} {st.name} has shape {list(st.shape)}, expected {list(want)}")
             by_layer[layer] = s
+            kept[layer] = n
         if len(by_layer) != g.layers:
             missing = sorted(set(range(g.layers)) - set(by_layer))
             raise LayoutError(f"layers {missing[:8]} have no section")
+        if g.layout == "pruned":
+            total = _count(self.header["cache"], "kept", "header.cache", 1, g.layers * g.kv_heads * g.tokens)
+            if total != sum(kept.values()):
+                raise MetadataError(f"header.cache.kept = {total} but the layer sections keep {sum(kept.values())}")
+        self._kept = [kept[i] for i in range(g.layers)]
         return [by_layer[i] for i in range(g.layers)]
 
     def read_section(self, section: SectionInfo) -> dict[str, np.ndarray]:
@@ -320,23 +350,34 @@ class KvcReader:
             arrays[s.name] = raw.view(DTYPES[s.dtype]).reshape(s.shape)
         return arrays
 
-    def read_layer(self, layer: int) -> tuple[StoredArray, StoredArray]:
-        """Keys and values of one layer, each (kv_heads, tokens, head_dim)."""
+    def read_layer(self, layer: int) -> StoredLayer:
+        """Keys, values and (pruned layout) the validated per-head kept positions of one layer; see StoredLayer."""
         section = self._layers[layer]
         arrays = self.read_section(section)
-        keys, values = (StoredArray(arrays[s.name], s.dtype) for s in section.streams)
-        return keys, values
+        dtypes = {s.name: s.dtype for s in section.streams}
+        keys, values = (StoredArray(arrays[name], dtypes[name]) for name in ("keys", "values"))
+        if section.type == "kv_layer":
+            return StoredLayer(keys, values, None)
+        try:
+            positions = decode_positions(arrays["counts"], arrays["positions"], self.geometry.tokens)
+        except MetadataError as exc:
+            raise MetadataError(f"layer {layer}: {exc}") from None
+        return StoredLayer(keys, values, positions)
 
     def verify(self) -> None:
-        """Check padding, every section's checksum and that every stream decodes to its declared size."""
+        """Check padding, every section's checksum, that every stream decodes to its declared size, and positions."""
         for start, end in self._gaps:
             if any(self._read_at(start, end - start)):
                 raise LayoutError(f"padding bytes {start}..{end} are not zero")
         for layer in range(self.geometry.layers):
-            self.read_section(self._layers[layer])
+            self.read_layer(layer)
 
     def section_sizes(self) -> list[int]:
         return [s.length for s in self._layers]
+
+    def kept_per_layer(self) -> list[int]:
+        """Entries kept per layer over all its heads, from the index (kv_heads × tokens for a dense cache)."""
+        return list(self._kept)
 
     def close(self) -> None:
         self._file.close()

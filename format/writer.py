@@ -23,12 +23,14 @@ from .packing import pack
 
 @dataclass(frozen=True)
 class Stream:
-    """One array to store: `data` holds its little-endian element bytes in C order."""
+    """One array to store: `data` holds its little-endian element bytes in C order. `codec`, when set, replaces the
+    section's codec for this stream."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     data: bytes | memoryview
+    codec: str | None = None
 
 
 def _align(n: int) -> int:
@@ -60,7 +62,7 @@ class KvcWriter:
         self._write(b"\0" * (_align(self._pos) - self._pos))
 
     def add_section(self, type: str, attrs: dict, streams: list[Stream], codec: str, required: bool = True) -> int:
-        """Encode `streams` with `codec` and append them as one section. Returns the section's stored bytes."""
+        """Append `streams` as one section, each encoded with its own codec or else `codec`. Returns its bytes."""
         entries, payloads, rel = [], [], 0
         for s in streams:
             itemsize = DTYPES[s.dtype].itemsize
@@ -69,11 +71,12 @@ class KvcWriter:
                 expected *= dim
             if len(s.data) != expected:
                 raise KvcFormatError(f"stream {s.name!r}: {len(s.data)} bytes for shape {s.shape} of {s.dtype}")
-            payload, params = codecs.encode(codec, s.data, itemsize)
+            stream_codec = codec if s.codec is None else s.codec
+            payload, params = codecs.encode(stream_codec, s.data, itemsize)
             entries.append(
                 {
                     "name": s.name,
-                    "codec": codec,
+                    "codec": stream_codec,
                     "params": params,
                     "dtype": s.dtype,
                     "shape": list(s.shape),

@@ -30,6 +30,20 @@ class Codec(str, Enum):
     zstd = "zstd"
 
 
+class ScorerName(str, Enum):
+    kvzip = "kvzip"
+    compactor = "compactor"
+    knorm = "knorm"
+    streaming = "streaming"
+    random = "random"
+
+
+class Allocation(str, Enum):
+    global_ = "global"
+    layer = "layer"
+    head = "head"
+
+
 def _fail(message: str, code: int = 1):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -97,8 +111,17 @@ def compress(
     document: Annotated[str, typer.Argument(help="UTF-8 text file to compress, or - to read stdin.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically).")],
     model: ModelOption = "smollm2",
-    ratio: Annotated[float, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1.")] = 1.0,
-    scorer: Annotated[str | None, typer.Option(help="Scorer for pruning (needs --ratio < 1).")] = None,
+    ratio: Annotated[float, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
+                                       "--scorer decides which entries stay, without knowing any question.")] = 1.0,
+    scorer: Annotated[ScorerName, typer.Option(help="kvzip: attention while the model repeats the document (best, "
+                                               "costs ~2 prefills); compactor: key leverage + local attention "
+                                               "(~1 prefill); knorm, streaming, random: cheap baselines.")] = (
+        ScorerName.kvzip
+    ),
+    allocation: Annotated[Allocation | None, typer.Option(help="How the kept entries are spread: global (one "
+                                                          "threshold over all layers and heads), layer or head "
+                                                          "(equal shares). Default: the scorer's own (global for "
+                                                          "kvzip and compactor, head for the baselines).")] = None,
     bits: Annotated[int, typer.Option(help="Bits per stored element: 16 (float16, or bfloat16 as computed) or "
                                       "32 (float32 as computed, bit-exact).")] = 16,
     codec: Annotated[Codec, typer.Option(help="raw: bytes as computed; zstd: byte-planes + zstd (lossless).")] = (
@@ -117,14 +140,14 @@ def compress(
     """
     from .compress import compress as run_compress
 
-    if scorer is not None:
-        raise KvcError("--scorer selects how entries are pruned; pruning is not available in this version")
     result = run_compress(
         document,
         output,
         model=model,
         codec=codec.value,
         ratio=ratio,
+        scorer=scorer.value,
+        allocation=allocation.value if allocation else None,
         bits=bits,
         chunk_size=chunk_size,
         device=device,
@@ -138,6 +161,9 @@ def compress(
     typer.echo(f"compressed {name} -> {result.output}")
     typer.echo(f"  tokens       {result.tokens:,} ({result.model})")
     typer.echo(f"  raw KV       {_mb(result.raw_bytes)} (fp16)")
+    if result.scorer:
+        typer.echo(f"  kept         {result.kept_ratio:.1%} of entries ({result.scorer} scores, "
+                   f"{result.allocation} allocation, scored in {result.score_seconds:.1f} s)")
     typer.echo(f"  file         {_mb(result.file_bytes)} ({result.bits}-bit, {result.codec}), "
                f"compression {result.compression:.2f}x")
     typer.echo(f"  time         {result.seconds:.1f} s (prefill {result.prefill_seconds:.1f} s)")
@@ -178,6 +204,8 @@ def load(
         "file": str(file),
         "model": model_name,
         "tokens": kv.input_ids.shape[1],
+        "kept_ratio": header.get("settings", {}).get("kept_ratio", 1.0),
+        "cache_bytes": kv.cache_bytes(),
         "load_seconds": kv.load_seconds,
         "prefill_seconds": prefill_seconds,
         "model_load_seconds": model_seconds,
@@ -194,7 +222,8 @@ def load(
         typer.echo(result["answer"])
         typer.echo("")
     speedup = f", {prefill_seconds / kv.load_seconds:.0f}x faster" if prefill_seconds else ""
-    typer.echo(f"loaded {result['tokens']:,} tokens of KV in {kv.load_seconds:.2f} s "
+    kept = f" ({result['kept_ratio']:.0%} kept, {_mb(result['cache_bytes'])} in memory)"
+    typer.echo(f"loaded {result['tokens']:,} tokens of KV{kept} in {kv.load_seconds:.2f} s "
                f"(prefill when the file was made: {prefill_seconds:.2f} s{speedup})")
     if prompt is not None:
         typer.echo(f"answered in {result['generate_seconds']:.2f} s")
@@ -205,13 +234,14 @@ def _summary(reader: KvcReader) -> dict:
 
     header = reader.header
     g = reader.geometry
+    kept, per_layer = reader.kept_per_layer(), g.kv_heads * g.tokens
     return {
         "file": reader.path,
         "version": f"{reader.version[0]}.{reader.version[1]}",
         "model": header["model"].get("name"),
         "fingerprint": header["model"],
         "tokens": g.tokens,
-        "kept_ratio": header.get("settings", {}).get("ratio", 1.0),
+        "kept_ratio": sum(kept) / (g.layers * per_layer),
         "file_bytes": reader.file_size,
         "raw_bytes": raw_fp16_bytes(g.layers, g.kv_heads, g.head_dim, g.tokens),
         "cache": header["cache"],
@@ -219,7 +249,8 @@ def _summary(reader: KvcReader) -> dict:
         "prompt": {k: v for k, v in header["prompt"].items() if k != "prefix_ids"},
         "timings": header.get("timings", {}),
         "writer": header.get("kvc", {}).get("writer"),
-        "layers": [{"layer": i, "bytes": n, "kept_ratio": 1.0} for i, n in enumerate(reader.section_sizes())],
+        "layers": [{"layer": i, "bytes": n, "kept_ratio": k / per_layer}
+                   for i, (n, k) in enumerate(zip(reader.section_sizes(), kept, strict=True))],
     }
 
 
@@ -247,7 +278,11 @@ def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_o
     if info["timings"].get("prefill_seconds") is not None:
         typer.echo(f"  prefill      {info['timings']['prefill_seconds']:.2f} s on {info['timings'].get('device')}")
     sizes = [entry["bytes"] for entry in info["layers"]]
-    typer.echo(f"  sections     {len(sizes)} layers, {min(sizes):,}..{max(sizes):,} bytes each, kept ratio 1.0")
+    typer.echo(f"  sections     {len(sizes)} layers, {min(sizes):,}..{max(sizes):,} bytes each")
+    kept = [entry["kept_ratio"] for entry in info["layers"]]
+    typer.echo(f"  kept         {info['kept_ratio']:.1%} of entries; per layer {min(kept):.1%}..{max(kept):.1%}")
+    if info["cache"]["layout"] == "pruned":
+        typer.echo("  per layer    " + " ".join(f"{k:.0%}" for k in kept))
 
 
 @app.command()
@@ -288,7 +323,10 @@ def bench(
         "0.5,0.3,0.2,0.1"
     ),
     bits: Annotated[str, typer.Option(help="Bit widths for kvc settings, comma-separated.")] = "16",
-    scorers: Annotated[str, typer.Option(help="kvc scorers to sweep, comma-separated (none in this version).")] = "",
+    scorers: Annotated[str, typer.Option(help="kvc scorers to sweep at each ratio, comma-separated: kvzip, "
+                                         "compactor, knorm, streaming, random; empty for none.")] = "kvzip",
+    allocations: Annotated[str, typer.Option(help="Budget allocations to sweep for each scorer, comma-separated "
+                                             "(global, layer, head); default: each scorer's own.")] = "",
     peers: Annotated[bool, typer.Option("--peers", help="Also measure NVIDIA kvpress presses (KVzip, Compactor, "
                                         "SnapKV, Knorm) at the same kept ratios.")] = False,
     probes: Annotated[Path | None, typer.Option(help="File of extra probe questions, one per line.")] = None,
@@ -319,6 +357,7 @@ def bench(
         bits=_numbers(bits, int, "--bits"),
         scorers=tuple(s.strip() for s in scorers.split(",") if s.strip()),
         peers=peers,
+        allocations=tuple(a.strip() for a in allocations.split(",") if a.strip()) or (None,),
     )
     if peers:
         require_kvpress()

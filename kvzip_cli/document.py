@@ -46,6 +46,29 @@ class PromptLayout:
     question_prefix: str
     question_suffix: str
     template: str  # "chat" (the tokenizer's chat template) or "plain"
+    document_start: int  # prefix_ids[document_start:document_end] are the document's tokens; the rest is template
+    document_end: int
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items two sequences share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _document_span(tokenizer, text: str, document: str, ids: list[int], special: bool) -> tuple[int, int]:
+    """Token span of `document` inside `text` (tokenized as `ids`), found by tokenizing the text before it."""
+    body = document.strip()
+    at = text.find(body)
+    if at < 0:  # the template rewrote the document: treat every token as document
+        return 0, len(ids)
+    start = common_prefix(tokenizer(text[:at], add_special_tokens=special).input_ids, ids)
+    end = common_prefix(tokenizer(text[: at + len(body)], add_special_tokens=special).input_ids, ids)
+    return start, max(start, end)
 
 
 def layout_prompt(tokenizer: PreTrainedTokenizerBase, document: str) -> PromptLayout:
@@ -58,9 +81,10 @@ def layout_prompt(tokenizer: PreTrainedTokenizerBase, document: str) -> PromptLa
         if text.count(QUESTION_MARK) == 1:
             before, after = text.split(QUESTION_MARK)
             ids = tokenizer(before, add_special_tokens=False).input_ids
-            return PromptLayout(ids, "", after, "chat")
-    ids = tokenizer(document + DOCUMENT_QUESTION_SEPARATOR + "Question:").input_ids
-    return PromptLayout(ids, " ", "\nAnswer:", "plain")
+            return PromptLayout(ids, "", after, "chat", *_document_span(tokenizer, before, document, ids, False))
+    text = document + DOCUMENT_QUESTION_SEPARATOR + "Question:"
+    ids = tokenizer(text).input_ids
+    return PromptLayout(ids, " ", "\nAnswer:", "plain", *_document_span(tokenizer, text, document, ids, True))
 
 
 def question_ids(tokenizer: PreTrainedTokenizerBase, question_prefix: str, question_suffix: str, question: str):

@@ -5,10 +5,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvc_format import KvcReader
 
+from .attention import use_kvc_attention
+from .cache import PrunedCache, PrunedLayer
 from .devices import DTYPE_NAMES
 from .document import question_ids
 from .errors import KvcError
@@ -22,10 +24,11 @@ from .tensors import from_stored
 class LoadedKV:
     """A cache to pass as `past_key_values`, and the prompt tokens it stands for.
 
-    `generate` appends to the cache; call `reset()` before asking a second question.
+    `generate` appends to the cache; call `reset()` before asking a second question. A pruned file loads as a
+    `PrunedCache` and switches the model to kvc's attention function (outputs of ordinary caches are unchanged).
     """
 
-    cache: DynamicCache
+    cache: Cache
     input_ids: torch.Tensor  # (1, tokens): the document prefix the cache holds
     question_prefix: str
     question_suffix: str
@@ -36,6 +39,12 @@ class LoadedKV:
         """(1, tokens + question tokens): what to pass as `input_ids` to `model.generate`."""
         q = question_ids(tokenizer, self.question_prefix, self.question_suffix, question)
         return torch.cat([self.input_ids, torch.tensor([q], device=self.input_ids.device)], dim=1)
+
+    def cache_bytes(self) -> int:
+        """Bytes the cache's tensors hold (a pruned cache: exactly its kept entries, no padding)."""
+        if isinstance(self.cache, PrunedCache):
+            return self.cache.nbytes()
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
     def reset(self) -> None:
         """Drop whatever generate appended, back to the document prefix."""
@@ -75,14 +84,23 @@ def load(
     with KvcReader(path) as reader:
         check_identity(reader.header, model, tokenizer)
         geometry = reader.geometry
-        cache = DynamicCache(config=model.config)
         advance = task("load", geometry.layers)
+        dense = DynamicCache(config=model.config)
+        pruned = []
         for layer in range(geometry.layers):
-            keys, values = reader.read_layer(layer)
-            k = from_stored(keys, model.device, model.dtype).unsqueeze(0)
-            v = from_stored(values, model.device, model.dtype).unsqueeze(0)
-            cache.update(k, v, layer)
+            stored = reader.read_layer(layer)
+            k = from_stored(stored.keys, model.device, model.dtype).unsqueeze(0)
+            v = from_stored(stored.values, model.device, model.dtype).unsqueeze(0)
+            if stored.positions is None:
+                dense.update(k, v, layer)
+            else:
+                counts = [len(p) for p in stored.positions]
+                pruned.append(PrunedLayer(list(k.split(counts, dim=1)), list(v.split(counts, dim=1)),
+                                          geometry.tokens))
             advance(1)
+        cache = PrunedCache(pruned) if pruned else dense
+        if pruned:
+            use_kvc_attention(model)
         prompt = reader.header["prompt"]
         input_ids = torch.tensor([prompt["prefix_ids"]], device=model.device)
     if model.device.type == "cuda":

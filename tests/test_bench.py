@@ -132,7 +132,8 @@ def bench(*args):
 def test_bench_end_to_end_on_tiny_model(tmp_path, tiny_folder, short_doc):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "out.png"
-    result = bench(short_doc, "--model", tiny_folder, "--bits", "16,32", "--new-tokens", "6", "--plot", plot, "--json")
+    result = bench(short_doc, "--model", tiny_folder, "--bits", "16,32", "--new-tokens", "6", "--plot", plot,
+                   "--scorers", "", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = {row["setting"]: row for row in data["rows"]}
@@ -149,6 +150,23 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, tiny_folder, short_doc):
         assert key in exact
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["kind"] for p in data["probes"]].count("reconstruction") == 4
+
+
+def test_bench_pruned_rows(tiny_folder, short_doc):
+    result = bench(short_doc, "--model", tiny_folder, "--scorers", "kvzip,random", "--allocations", "global,head",
+                   "--ratios", "0.5,0.25", "--new-tokens", "4", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["setting"]: row for row in json.loads(result.stdout)["rows"]}
+    for scorer in ("kvzip", "random"):
+        for allocation in ("global", "head"):
+            for ratio in (0.5, 0.25):
+                row = rows[f"kvc {scorer} {allocation} {ratio:g}"]
+                assert row["error"] is None and row["kind"] == "kvc"
+                assert row["kept_ratio"] == pytest.approx(ratio, abs=1e-3)
+                assert row["memory_ratio"] == pytest.approx(ratio, abs=0.01)  # a loaded pruned cache holds only kept
+                assert row["kld"] > 0 and row["score_seconds"] >= 0
+                assert row["compression"] > 1 / ratio  # fewer entries, and zstd on top
+    assert rows["kvc kvzip global 0.5"]["kld"] != rows["kvc random global 0.5"]["kld"]
 
 
 def test_bench_table_output(tiny_folder, short_doc):
@@ -199,7 +217,8 @@ def test_peers_without_kvpress_is_one_line(monkeypatch, short_doc):
 @pytest.mark.parametrize(
     "args,fragment",
     [(["--ratios", "a,b"], "comma-separated"), (["--ratios", "0"], "out of range"), (["--bits", "4"], "not available"),
-     (["--scorers", "kvzip"], "not available"), (["--probes", "/no/such/file"], "does not exist")],
+     (["--scorers", "kvzap"], "not available"), (["--allocations", "even"], "not one of"),
+     (["--probes", "/no/such/file"], "does not exist")],
 )
 def test_bench_bad_options(tiny_folder, short_doc, args, fragment):
     result = bench(short_doc, "--model", tiny_folder, *args)

@@ -60,6 +60,28 @@ def test_compress_text_summary_and_stdin(tmp_path, tiny_folder, short_doc):
     assert out.exists()
 
 
+@pytest.mark.parametrize("scorer,allocation", [("kvzip", "global"), ("compactor", "layer"), ("knorm", "head")])
+def test_pruned_file_through_every_command(tmp_path, tiny_folder, short_doc, scorer, allocation):
+    out = tmp_path / "p.kvc"
+    made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--ratio", "0.4", "--scorer", scorer,
+               "--allocation", allocation, "--json")
+    assert made.exit_code == 0, made.output
+    data = json.loads(made.stdout)
+    assert data["kept_ratio"] == pytest.approx(0.4, abs=1e-3) and data["scorer"] == scorer
+    assert data["compression"] > 2.5  # 0.4 of the entries, zstd on top
+    info = json.loads(run("inspect", out, "--json").stdout)
+    assert info["cache"]["layout"] == "pruned" and info["kept_ratio"] == pytest.approx(0.4, abs=1e-3)
+    assert info["settings"]["scorer"] == scorer and info["settings"]["allocation"] == allocation
+    per_layer = [layer["kept_ratio"] for layer in info["layers"]]
+    if allocation == "layer":
+        assert per_layer == pytest.approx([0.4] * 3, abs=1e-3)
+    assert "per layer" in run("inspect", out).stdout
+    assert json.loads(run("verify", out, "--json").stdout)["ok"] is True
+    answer = run("load", out, "--prompt", "What is licensed?", "--max-new-tokens", "4", "--json")
+    assert answer.exit_code == 0, answer.output
+    assert isinstance(json.loads(answer.stdout)["answer"], str)
+
+
 def test_load_with_prompt_json(kvc_file):
     result = run("load", kvc_file, "--prompt", "What is licensed?", "--max-new-tokens", "5", "--json")
     assert result.exit_code == 0, result.output
@@ -79,7 +101,7 @@ def test_inspect(kvc_file):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert CONTRACT["inspect"] <= data.keys()
-    assert data["version"] == "1.0" and len(data["layers"]) == 3
+    assert data["version"] == "1.1" and len(data["layers"]) == 3
     text = run("inspect", kvc_file)
     assert text.exit_code == 0 and "sections" in text.stdout
 
@@ -122,9 +144,8 @@ def test_load_wrong_model(tmp_path, kvc_file, tiny_tokenizer):
         (["compress", "{empty}", "-o", "{out}"], "is empty"),
         (["compress", "{binary}", "-o", "{out}"], "binary"),
         (["compress", "{doc}", "-o", "{out}", "--ratio", "0"], "out of range"),
-        (["compress", "{doc}", "-o", "{out}", "--ratio", "0.3"], "not available"),
+        (["compress", "{doc}", "-o", "{out}", "--ratio", "0.001", "--json"], "attention sinks"),
         (["compress", "{doc}", "-o", "{out}", "--bits", "4"], "not available"),
-        (["compress", "{doc}", "-o", "{out}", "--scorer", "kvzip"], "not available"),
         (["compress", "{doc}", "-o", "{out}", "--model", "no-such-model"], "unknown model"),
         (["compress", "{doc}", "-o", "{tmp}"], "is a directory"),
         (["compress", "{doc}", "-o", "{tmp}/no/such/dir.kvc"], "does not exist"),
@@ -151,6 +172,8 @@ def test_usage_errors_exit_2(kvc_file):
     assert run("load", kvc_file, "--max-new-tokens", "0").exit_code == 2
     assert run("compress", "x.txt").exit_code == 2  # -o is required
     assert run("compress", "x.txt", "-o", "y.kvc", "--codec", "gzip").exit_code == 2
+    assert run("compress", "x.txt", "-o", "y.kvc", "--scorer", "h2o").exit_code == 2
+    assert run("compress", "x.txt", "-o", "y.kvc", "--allocation", "even").exit_code == 2
 
 
 def test_version_and_help():

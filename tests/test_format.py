@@ -22,9 +22,20 @@ from kvc_format import (
     TruncatedError,
     UnsupportedVersionError,
     bfloat16_to_float32,
+    decode_positions,
+    encode_positions,
 )
 
-from kvc_bytes import assemble, header_dict, raw_layer, valid_file
+from kvc_bytes import (
+    PRUNED,
+    PRUNED_POSITIONS,
+    assemble,
+    header_dict,
+    pruned_layer,
+    raw_layer,
+    valid_file,
+    valid_pruned_file,
+)
 
 
 def write(tmp_path, data: bytes):
@@ -67,7 +78,8 @@ def test_round_trip_is_exact(tmp_path, codec, dtype, np_dtype):
         assert r.header == header
         assert r.geometry.layers == 4 and r.geometry.tokens == 17
         for i, (k, v) in enumerate(arrays):
-            keys, values = r.read_layer(i)
+            keys, values, positions = r.read_layer(i)
+            assert positions is None
             assert keys.dtype == values.dtype == dtype
             np.testing.assert_array_equal(keys.data, k)
             np.testing.assert_array_equal(values.data, v)
@@ -89,7 +101,7 @@ def test_round_trip_random_shapes(tmp_path_factory, shape, layers, codec, seed):
     with KvcReader(path) as r:
         r.verify()
         for i, (k, v) in enumerate(arrays):
-            keys, values = r.read_layer(i)
+            keys, values, _ = r.read_layer(i)
             np.testing.assert_array_equal(keys.data, k)
             np.testing.assert_array_equal(values.data, v)
 
@@ -123,6 +135,90 @@ def test_writer_rejects_wrong_stream_size(tmp_path):
     with pytest.raises(Exception, match="bytes for shape"), KvcWriter(tmp_path / "x.kvc", header_dict()) as w:
         w.add_section("kv_layer", {"layer": 0}, [Stream("keys", "float16", (2, 2), b"\0" * 6)], codec="raw")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dense_1_0_file_still_reads(tmp_path):
+    with KvcReader(write(tmp_path, valid_file())) as r:
+        r.verify()
+        assert r.version == (1, 0) and r.geometry.layout == "dense"
+        assert r.kept_per_layer() == [2 * 5, 2 * 5]
+        assert r.read_layer(1).positions is None
+
+
+# --- pruned layout ---------------------------------------------------------------------------------------------
+
+def random_subsets(rng, kv_heads: int, tokens: int) -> list[np.ndarray]:
+    return [np.sort(rng.choice(tokens, size=rng.integers(1, tokens + 1), replace=False)) for _ in range(kv_heads)]
+
+
+def write_pruned(path, layers: list[tuple[list[np.ndarray], np.ndarray, np.ndarray]], tokens: int, dtype: str,
+                 codec: str) -> dict:
+    """layers: (per-head positions, keys, values) with keys/values (kept, head_dim); counts/positions use zstd."""
+    kept = sum(len(k) for _, k, _ in layers)
+    header = header_dict(layers=len(layers), kv_heads=len(layers[0][0]), tokens=tokens,
+                         head_dim=layers[0][1].shape[1], kept=kept)
+    with KvcWriter(path, header) as w:
+        for i, (per_head, k, v) in enumerate(layers):
+            counts, gaps = encode_positions(per_head)
+            streams = [Stream("counts", "int32", counts.shape, counts.tobytes(), codec="zstd"),
+                       Stream("positions", "int32", gaps.shape, gaps.tobytes(), codec="zstd"),
+                       Stream("keys", dtype, k.shape, k.tobytes()), Stream("values", dtype, v.shape, v.tobytes())]
+            w.add_section("kv_layer_pruned", {"layer": i, "kept": len(gaps)}, streams, codec=codec)
+    return header
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+@pytest.mark.parametrize("dtype,np_dtype", [("float16", "<f2"), ("float32", "<f4")])
+def test_pruned_round_trip_is_exact(tmp_path, codec, dtype, np_dtype):
+    rng = np.random.default_rng(2)
+    tokens, head_dim = 40, 8
+    layers = []
+    for _ in range(3):
+        per_head = random_subsets(rng, 4, tokens)
+        kept = sum(len(p) for p in per_head)
+        layers.append((per_head, random_array(rng, (kept, head_dim), np_dtype),
+                       random_array(rng, (kept, head_dim), np_dtype)))
+    path = tmp_path / "p.kvc"
+    header = write_pruned(path, layers, tokens, dtype, codec)
+    with KvcReader(path) as r:
+        r.verify()
+        assert r.header == header and r.version == (1, 1) and r.geometry.layout == "pruned"
+        assert r.kept_per_layer() == [len(k) for _, k, _ in layers]
+        for i, (per_head, k, v) in enumerate(layers):
+            assert {s.name: s.codec for s in r.sections[i].streams} == {
+                "counts": "zstd", "positions": "zstd", "keys": codec, "values": codec}
+            layer = r.read_layer(i)
+            assert layer.keys.dtype == layer.values.dtype == dtype
+            np.testing.assert_array_equal(layer.keys.data, k)
+            np.testing.assert_array_equal(layer.values.data, v)
+            assert len(layer.positions) == len(per_head)
+            for got, want in zip(layer.positions, per_head, strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_hand_assembled_pruned_file_from_spec_reads(tmp_path):
+    with KvcReader(write(tmp_path, valid_pruned_file())) as r:
+        r.verify()
+        assert r.kept_per_layer() == [4, 3]
+        for i, want in enumerate(PRUNED_POSITIONS):
+            assert [p.tolist() for p in r.read_layer(i).positions] == [list(p) for p in want]
+
+
+@settings(max_examples=100, deadline=None)
+@given(heads=st.lists(st.sets(st.integers(0, 999), min_size=1), min_size=1, max_size=6))
+def test_positions_round_trip(heads):
+    per_head = [np.array(sorted(h)) for h in heads]
+    counts, gaps = encode_positions(per_head)
+    assert counts.dtype == gaps.dtype == np.int32 and counts.tolist() == [len(h) for h in heads]
+    assert (gaps >= 0).all()
+    decoded = decode_positions(counts, gaps, 1000)
+    assert [p.tolist() for p in decoded] == [p.tolist() for p in per_head]
+
+
+@pytest.mark.parametrize("per_head", [[[0, 3], [2, 1]], [[1, 1]], [[-1, 2]], [[0], []], [[0.0, 1.0]], []])
+def test_encode_positions_refuses_bad_input(per_head):
+    with pytest.raises(ValueError):
+        encode_positions([np.array(p) for p in per_head])
 
 
 # --- crafted files: one per error class ------------------------------------------------------------------------
@@ -163,7 +259,7 @@ def test_big_endian_flag(tmp_path):
 def test_unknown_required_section_names_versions(tmp_path):
     extra = ({"type": "future_thing", "required": True, "streams": []}, b"")
     data = assemble(header_dict(), [raw_layer(0), raw_layer(1), extra], minor=7)
-    with pytest.raises(UnsupportedVersionError, match=r"format 1\.7.*future_thing.*format 1\.0"):
+    with pytest.raises(UnsupportedVersionError, match=r"format 1\.7.*future_thing.*format 1\.1"):
         KvcReader(write(tmp_path, data))
 
 
@@ -175,7 +271,7 @@ def test_unknown_optional_section_is_skipped(tmp_path):
 def test_unknown_layout_is_refused(tmp_path):
     header = header_dict()
     header["cache"]["layout"] = "pruned-v9"
-    with pytest.raises(UnsupportedVersionError, match="layout"):
+    with pytest.raises(UnsupportedVersionError, match="layout 'pruned-v9'"):
         KvcReader(write(tmp_path, assemble(header, [raw_layer(0), raw_layer(1)])))
 
 
@@ -368,3 +464,54 @@ def test_zstd_bad_shuffle(tmp_path):
 def test_not_zstd_payload(tmp_path):
     with pytest.raises(CodecError):
         _read_all(tmp_path, assemble(header_dict(layers=1), [_zstd_layer(b"\xff" * 16, 80)]))
+
+
+# --- crafted pruned files -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("counts,gaps,match", [
+    ([4, 0], [0, 1, 1, 0], "head 1 keeps no position"),
+    ([3, 2], [0, 1, 1, 3], "counts sum to 5 but 4"),
+    ([3, 1], [0, -1, 1, 3], "gap -1 at entry 1 is negative"),
+    ([3, 1], [0, 1, 1, 5], "gap 5 at entry 3 reaches past"),
+    ([3, 1], [0, 1, 2, 3], "head 0 keeps position 5 of a 5-token"),
+])
+def test_bad_positions_fail_on_read(tmp_path, counts, gaps, match):
+    data = valid_pruned_file([(counts, gaps), PRUNED[1]])
+    with KvcReader(write(tmp_path, data)) as r:
+        r.read_layer(1)
+        with pytest.raises(MetadataError, match=f"layer 0: .*{match}"):
+            r.read_layer(0)
+        with pytest.raises(MetadataError, match=match):
+            r.verify()
+
+
+@pytest.mark.parametrize("stream,key,value,match", [
+    (2, "shape", [2, 8], r"keys has shape \[2, 8\], expected \[4, 4\]"),
+    (3, "shape", [16], r"values has shape \[16\]"),
+    (1, "shape", [2, 2], r"positions has shape \[2, 2\], expected \[4\]"),
+    (0, "dtype", "float32", "counts has dtype float32"),
+])
+def test_pruned_index_inconsistency_caught_on_open(tmp_path, stream, key, value, match):
+    entry, payload = pruned_layer(0, *PRUNED[0])
+    entry["streams"][stream][key] = value
+    sections = [(entry, payload), pruned_layer(1, *PRUNED[1])]
+    with pytest.raises(MetadataError, match=match):
+        KvcReader(write(tmp_path, assemble(header_dict(kept=7), sections)))
+
+
+def test_section_kept_below_kv_heads(tmp_path):
+    entry, payload = pruned_layer(0, [1], [0])
+    with pytest.raises(LimitError, match="kept"):
+        KvcReader(write(tmp_path, assemble(header_dict(layers=1, kept=1), [(entry, payload)])))
+
+
+def test_header_kept_must_match_sections(tmp_path):
+    sections = [pruned_layer(i, *layer) for i, layer in enumerate(PRUNED)]
+    with pytest.raises(MetadataError, match="header.cache.kept = 8 but the layer sections keep 7"):
+        KvcReader(write(tmp_path, assemble(header_dict(kept=8), sections)))
+
+
+@pytest.mark.parametrize("kept,make", [(None, lambda i: pruned_layer(i, *PRUNED[i])), (7, raw_layer)])
+def test_section_type_must_match_layout(tmp_path, kept, make):
+    with pytest.raises(LayoutError, match="cache holds a"):
+        KvcReader(write(tmp_path, assemble(header_dict(kept=kept), [make(0), make(1)])))

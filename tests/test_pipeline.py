@@ -153,8 +153,9 @@ def test_document_longer_than_context_is_refused(tmp_path, tiny):
 
 @pytest.mark.parametrize(
     "options,message",
-    [({"ratio": 0.0}, "out of range"), ({"ratio": 1.5}, "out of range"), ({"ratio": 0.5}, "not available"),
-     ({"bits": 4}, "not available"), ({"codec": "lzma"}, "unknown codec"), ({"chunk_size": 0}, "chunk")],
+    [({"ratio": 0.0}, "out of range"), ({"ratio": 1.5}, "out of range"), ({"scorer": "h2o"}, "unknown scorer"),
+     ({"allocation": "even"}, "unknown allocation"), ({"bits": 4}, "not available"),
+     ({"codec": "lzma"}, "unknown codec"), ({"chunk_size": 0}, "chunk")],
 )
 def test_bad_settings_are_refused(tmp_path, tiny, options, message):
     with pytest.raises(KvcError, match=message):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache, PreTrainedModel
 
+from ..cache import PrunedCache
 from ..document import PromptLayout, question_ids
 from ..models import LoadedModel
 from .metrics import FidelityTotals, needle_found
@@ -42,6 +43,12 @@ class Reference:
 @contextlib.contextmanager
 def _restored(cache: Cache) -> Iterator[None]:
     """Drop whatever the block appends to `cache`, layer by layer (a pruned cache's layers differ in length)."""
+    if isinstance(cache, PrunedCache):
+        try:
+            yield
+        finally:
+            cache.crop(cache.context_length)
+        return
     lengths = [layer.keys.shape[-2] for layer in cache.layers]
     try:
         yield

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..document import common_prefix
+
 
 @dataclass
 class FidelityTotals:
@@ -42,12 +44,7 @@ class FidelityTotals:
 
 def agreement(reference: list[int], generated: list[int]) -> float:
     """Length of the common prefix of two greedy answers, over the reference answer's length."""
-    common = 0
-    for a, b in zip(reference, generated, strict=False):
-        if a != b:
-            break
-        common += 1
-    return common / max(len(reference), 1)
+    return common_prefix(reference, generated) / max(len(reference), 1)
 
 
 def needle_found(answer: str, key: str) -> bool:

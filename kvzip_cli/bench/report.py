@@ -27,6 +27,7 @@ def print_table(result: dict, console: Console | None = None) -> None:
                ("Δnll", "delta_nll", "+.4f", "right"), ("agree@32", "agreement", ".2f", "right"),
                ("needle", "needle", ".2f", "right"), ("file MB", "file_bytes", "", "right"),
                ("compr.", "compression", ".2f", "right"), ("bits/el", "bits_per_element", ".2f", "right"),
+               ("mem", "memory_ratio", ".2f", "right"),
                ("compress s", "compress_seconds", ".1f", "right"), ("load s", "load_seconds", ".3f", "right")]
     for title, _, _, justify in columns:
         table.add_column(title, justify=justify, no_wrap=True)
@@ -77,8 +78,9 @@ def plot(results: list[dict], output: Path) -> None:
             for rows in settings.values()
         )
         xs = [p[0] for p in averaged]
-        ax_kld.plot(xs, [max(p[1], KLD_FLOOR) for p in averaged], marker="o", label=family)
-        ax_top1.plot(xs, [p[2] for p in averaged], marker="o", label=family)
+        style = {"marker": "o", "label": family, "linestyle": "--" if family.startswith("kvpress") else "-"}
+        ax_kld.plot(xs, [max(p[1], KLD_FLOOR) for p in averaged], **style)
+        ax_top1.plot(xs, [p[2] for p in averaged], **style)
     docs = ", ".join(Path(r["document"]).name for r in results)
     if len(results) > 1:
         docs = f"mean over {len(results)} documents: {docs}"

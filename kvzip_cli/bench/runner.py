@@ -9,10 +9,12 @@ import safetensors.torch
 import torch
 import zstandard
 
+from ..attention import kvc_attention_in
 from ..compress import Prefilled, prefill_document, raw_fp16_bytes, write_kvc
 from ..load import load
 from ..models import LoadedModel
 from ..progress import TaskFactory, silent_task
+from ..pruning import Scored, score_context
 from .evaluate import CacheUnderTest, Evaluator, Reference
 from .peers import clear_masks, run_press
 from .probes import Probe, builtin_probes, plant_needles
@@ -69,20 +71,32 @@ def _row(setting: Setting, pre: Prefilled, **values) -> dict:
         "compression": raw / stored,
         "bits_per_element": 8 * file_bytes / elements if file_bytes else None,
         "compress_seconds": None, "prefill_seconds": pre.prefill_seconds, "load_seconds": None, "error": None,
+        "scorer": setting.scorer, "allocation": setting.allocation, "score_seconds": None, "memory_ratio": None,
     }
     row.update(values)
     return row
 
 
 def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator, reference: Reference,
-                 workdir: Path) -> dict:
+                 workdir: Path, scored: dict[str, Scored], task: TaskFactory) -> dict:
     path = workdir / "bench.kvc"
-    made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits)
-    kv = load(path, lm)
-    metrics = evaluator.evaluate(CacheUnderTest(kv.cache, pre.tokens), reference)
+    pruning = None
+    if setting.ratio < 1:
+        if setting.scorer not in scored:
+            scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task)
+        pruning = scored[setting.scorer].keep(setting.ratio, setting.allocation)
+    made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits, pruning=pruning)
+    with kvc_attention_in(lm.model):
+        kv = load(path, lm)
+        metrics = evaluator.evaluate(CacheUnderTest(kv.cache, pre.tokens), reference)
     path.unlink()
-    return _row(setting, pre, **metrics, file_bytes=made.file_bytes, compress_seconds=made.seconds,
-                load_seconds=kv.load_seconds)
+    extra = {}
+    if pruning is not None:
+        extra = {"kept_ratio": made.kept_ratio, "allocation": pruning.allocation, "score_seconds": made.score_seconds}
+    full = sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values))
+    memory = kv.cache_bytes() / full
+    return _row(setting, pre, **metrics, **extra, file_bytes=made.file_bytes, compress_seconds=made.seconds,
+                load_seconds=kv.load_seconds, memory_ratio=memory)
 
 
 def _measure_peer(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator,
@@ -120,12 +134,12 @@ def run_bench(text: str, document: str, lm: LoadedModel, sweep: list[Setting], u
     evaluator = Evaluator(lm, pre.layout, probes, needles, new_tokens)
     reference = evaluator.reference(CacheUnderTest(pre.cache, pre.tokens))
     advance(1)
-    rows = []
+    rows, scored = [], {}
     with tempfile.TemporaryDirectory(prefix="kvc-bench-") as tmp:
         for setting in sweep:
             started = time.perf_counter()
             if setting.kind == "kvc":
-                row = _measure_kvc(setting, pre, lm, evaluator, reference, Path(tmp))
+                row = _measure_kvc(setting, pre, lm, evaluator, reference, Path(tmp), scored, task)
             elif setting.kind == "peer":
                 row = _measure_peer(setting, pre, lm, evaluator, reference)
             else:

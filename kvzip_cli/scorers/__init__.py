@@ -1,0 +1,27 @@
+"""Query-agnostic scorers: each rates every cached (layer, KV head, position) without knowing the question."""
+
+from ..errors import KvcError
+from .base import Scorer, ScoringInputs
+from .compactor import CompactorScorer
+from .knorm import KnormScorer
+from .kvzip import KVzipScorer
+from .random_baseline import RandomScorer
+from .streaming import StreamingScorer
+
+SCORERS: dict[str, type] = {
+    "kvzip": KVzipScorer,
+    "compactor": CompactorScorer,
+    "knorm": KnormScorer,
+    "streaming": StreamingScorer,
+    "random": RandomScorer,
+}
+DEFAULT_SCORER = "kvzip"
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise KvcError(f"unknown scorer {name!r}: use one of {', '.join(SCORERS)}")
+    return SCORERS[name]()
+
+
+__all__ = ["DEFAULT_SCORER", "SCORERS", "Scorer", "ScoringInputs", "get_scorer"]

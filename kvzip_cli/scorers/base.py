@@ -1,0 +1,38 @@
+"""What every scorer receives and returns."""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..document import PromptLayout
+from ..progress import TaskFactory, silent_task
+
+
+@dataclass
+class ScoringInputs:
+    """A prefilled context: `cache` layer i holds keys/values (1, kv_heads, tokens, head_dim), post-RoPE."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cache: DynamicCache
+    layout: PromptLayout
+    task: TaskFactory = silent_task
+
+    @property
+    def tokens(self) -> int:
+        return len(self.layout.prefix_ids)
+
+    def stacked(self, which: str) -> torch.Tensor:
+        """(layers, kv_heads, tokens, head_dim) keys or values, float32."""
+        return torch.stack([getattr(layer, which)[0].float() for layer in self.cache.layers])
+
+
+class Scorer(Protocol):
+    name: str
+    default_allocation: str  # "global", "layer" or "head" (see kvzip_cli.budget)
+
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
+        """Importance of every context entry, (layers, kv_heads, tokens), higher = keep; float32 on the CPU."""
+        ...
