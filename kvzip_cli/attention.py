@@ -70,8 +70,3 @@ def kvc_attention_in(model: PreTrainedModel) -> Iterator[None]:
         if previous != NAME:
             model.set_attn_implementation(previous)
 
-
-def causal_offsets(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """(q_len, k_len) bool: query i (the last q_len of k_len positions) may see key j."""
-    rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-    return torch.arange(k_len, device=device)[None, :] <= rows

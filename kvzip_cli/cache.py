@@ -111,12 +111,3 @@ class PrunedCache(Cache):
         """Bytes of every tensor the cache holds (no padding: each head stores exactly its kept entries)."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    @classmethod
-    def from_dense(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], keep: torch.Tensor) -> "PrunedCache":
-        """Keep the entries marked in `keep` (layers, kv_heads, tokens) of K/V (batch, kv_heads, tokens, dim)."""
-        pruned = []
-        for (k, v), mask in zip(layers, keep, strict=True):
-            index = [m.nonzero().squeeze(-1).to(k.device) for m in mask]
-            pruned.append(PrunedLayer([k[:, h, i].clone() for h, i in enumerate(index)],
-                                      [v[:, h, i].clone() for h, i in enumerate(index)], k.shape[2]))
-        return cls(pruned)

@@ -219,6 +219,7 @@ def test_ratio_one_with_any_scorer_is_exact(tmp_path, tiny, name):
 def test_generate_on_a_pruned_cache_and_reset(tmp_path, tiny):
     compress_text(TEXT, tmp_path / "p.kvc", model=tiny, scorer="kvzip", ratio=0.3)
     kv = load(tmp_path / "p.kvc", tiny)
+    assert kv.cache.kept_ratio() == pytest.approx(0.3, abs=1e-3)
     ids = kv.prompt_ids(tiny.tokenizer, QUESTION)
     runs = []
     for _ in range(2):

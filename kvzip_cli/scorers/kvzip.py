@@ -98,11 +98,13 @@ class KVzipScorer:
         with kvc_attention_in(model), observe_attention(observer):
             for first, last, ids in passes:
                 chunk[:] = first, last
-                for a in range(0, len(ids), self.forward_tokens):
-                    piece = ids[a : a + self.forward_tokens]
-                    model(input_ids=torch.tensor([piece], device=model.device),
-                          position_ids=torch.arange(n + a, n + a + len(piece), device=model.device)[None],
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    advance(len(piece))
-                cache.crop(n)
+                try:
+                    for a in range(0, len(ids), self.forward_tokens):
+                        piece = ids[a : a + self.forward_tokens]
+                        model(input_ids=torch.tensor([piece], device=model.device),
+                              position_ids=torch.arange(n + a, n + a + len(piece), device=model.device)[None],
+                              past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        advance(len(piece))
+                finally:
+                    cache.crop(n)  # the context's cache, as the prefill left it, even after an interrupt
         return scores.cpu()
