@@ -11,6 +11,7 @@ import resource
 import time
 from pathlib import Path
 
+from kvzip_cli.cache import cache_bytes
 from kvzip_cli.compress import prefill_document
 from kvzip_cli.models import load_model
 from kvzip_cli.pruning import score_context
@@ -35,7 +36,7 @@ def main() -> None:
     config.max_position_embeddings = max(config.max_position_embeddings, args.tokens + 4096)
     print(f"model loaded, peak RSS {peak_rss_mb():,.0f} MB")
     pre = prefill_document(text, lm)
-    kv_mb = sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values)) / 1e6
+    kv_mb = cache_bytes(pre.cache) / 1e6
     print(f"prefill of {pre.tokens} tokens: {pre.prefill_seconds:.1f} s, KV cache {kv_mb:,.0f} MB, "
           f"peak RSS {peak_rss_mb():,.0f} MB")
     for name in args.scorers.split(","):

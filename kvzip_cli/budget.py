@@ -58,10 +58,14 @@ def check_ratio(ratio: float, protected: torch.Tensor, entries_per_token: int = 
     return budget
 
 
-def allocate(scores: torch.Tensor, ratio: float, allocation: str, protected: torch.Tensor) -> torch.Tensor:
-    """scores (layers, kv_heads, tokens), protected (tokens,) → keep mask (layers, kv_heads, tokens), bool."""
+def check_allocation(allocation: str) -> None:
     if allocation not in ALLOCATIONS:
         raise KvcError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+
+
+def allocate(scores: torch.Tensor, ratio: float, allocation: str, protected: torch.Tensor) -> torch.Tensor:
+    """scores (layers, kv_heads, tokens), protected (tokens,) → keep mask (layers, kv_heads, tokens), bool."""
+    check_allocation(allocation)
     layers, heads, tokens = scores.shape
     budget = check_ratio(ratio, protected, layers * heads)
     s = torch.nan_to_num(scores.float(), nan=-math.inf).clone()

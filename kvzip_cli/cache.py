@@ -93,6 +93,13 @@ class PrunedLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def cache_bytes(cache: Cache) -> int:
+    """Bytes of K/V a cache holds: a PrunedCache exactly its kept entries (no padding), a dense one every layer's."""
+    if isinstance(cache, PrunedCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
 class PrunedCache(Cache):
     """Pass as `past_key_values` to a model that uses attn_implementation "kvc" (see `use_kvc_attention`)."""
 

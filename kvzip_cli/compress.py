@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from kvc_format import KvcWriter, Stream, encode_positions
 
 from . import __version__
-from .budget import ALLOCATIONS, check_ratio, protected_positions
+from .budget import check_allocation, check_ratio, protected_positions
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt, read_document
 from .errors import KvcError
@@ -21,7 +21,7 @@ from .models import EMBEDDED, LoadedModel, load_model
 from .prefill import prefill
 from .progress import TaskFactory, progress_bars, silent_task
 from .pruning import Pruning, score_context
-from .scorers import DEFAULT_SCORER, SCORERS
+from .scorers import DEFAULT_SCORER, check_scorer
 from .tensors import storage_tensor, to_stream
 
 CODECS = ("raw", "zstd")
@@ -59,10 +59,9 @@ def _check_settings(codec: str, ratio: float, bits: int, chunk_size: int, scorer
         raise KvcError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
     if not 0 < ratio <= 1:
         raise KvcError(f"--ratio {ratio} is out of range: it is the kept fraction, 0 < ratio <= 1")
-    if scorer not in SCORERS:
-        raise KvcError(f"unknown scorer {scorer!r}: use one of {', '.join(SCORERS)}")
-    if allocation is not None and allocation not in ALLOCATIONS:
-        raise KvcError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+    check_scorer(scorer)
+    if allocation is not None:
+        check_allocation(allocation)
     if bits not in (16, 32):
         raise KvcError(f"--bits {bits}: this version stores 16-bit (default) or 32-bit floats; quantization "
                        "to fewer bits is not available yet")

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, Pr
 from kvc_format import KvcReader
 
 from .attention import use_kvc_attention
-from .cache import PrunedCache, PrunedLayer
+from .cache import PrunedCache, PrunedLayer, cache_bytes
 from .devices import DTYPE_NAMES
 from .document import question_ids
 from .errors import KvcError
@@ -42,9 +42,7 @@ class LoadedKV:
 
     def cache_bytes(self) -> int:
         """Bytes the cache's tensors hold (a pruned cache: exactly its kept entries, no padding)."""
-        if isinstance(self.cache, PrunedCache):
-            return self.cache.nbytes()
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+        return cache_bytes(self.cache)
 
     def reset(self) -> None:
         """Drop whatever generate appended, back to the document prefix."""

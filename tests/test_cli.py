@@ -176,6 +176,16 @@ def test_usage_errors_exit_2(kvc_file):
     assert run("compress", "x.txt", "-o", "y.kvc", "--allocation", "even").exit_code == 2
 
 
+def test_cli_choices_match_the_registries():
+    """The CLI spells scorers and allocations out (importing the registries would load torch for --help)."""
+    from kvzip_cli.budget import ALLOCATIONS
+    from kvzip_cli.cli import Allocation, ScorerName
+    from kvzip_cli.scorers import SCORERS
+
+    assert [s.value for s in ScorerName] == list(SCORERS)
+    assert tuple(a.value for a in Allocation) == ALLOCATIONS
+
+
 def test_version_and_help():
     assert run("version").stdout.startswith("kvc ")
     helptext = run("compress", "--help").stdout

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache, PreTrainedModel
 
-from ..cache import PrunedCache
 from ..document import PromptLayout, question_ids
 from ..models import LoadedModel
 from .metrics import FidelityTotals, needle_found
@@ -42,20 +41,13 @@ class Reference:
 
 @contextlib.contextmanager
 def _restored(cache: Cache) -> Iterator[None]:
-    """Drop whatever the block appends to `cache`, layer by layer (a pruned cache's layers differ in length)."""
-    if isinstance(cache, PrunedCache):
-        try:
-            yield
-        finally:
-            cache.crop(cache.context_length)
-        return
-    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    """Drop whatever the block appends to `cache`, layer by layer (kvpress leaves layers of different lengths)."""
+    lengths = [layer.get_seq_length() for layer in cache.layers]
     try:
         yield
     finally:
         for layer, n in zip(cache.layers, lengths, strict=True):
-            layer.keys = layer.keys[..., :n, :]
-            layer.values = layer.values[..., :n, :]
+            layer.crop(n)
 
 
 def _forward(model: PreTrainedModel, cut: CacheUnderTest, ids: list[int], start: int, all_logits: bool):

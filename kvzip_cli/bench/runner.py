@@ -10,6 +10,7 @@ import torch
 import zstandard
 
 from ..attention import kvc_attention_in
+from ..cache import cache_bytes
 from ..compress import Prefilled, prefill_document, raw_fp16_bytes, write_kvc
 from ..load import load
 from ..models import LoadedModel
@@ -93,10 +94,8 @@ def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: E
     extra = {}
     if pruning is not None:
         extra = {"kept_ratio": made.kept_ratio, "allocation": pruning.allocation, "score_seconds": made.score_seconds}
-    full = sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values))
-    memory = kv.cache_bytes() / full
     return _row(setting, pre, **metrics, **extra, file_bytes=made.file_bytes, compress_seconds=made.seconds,
-                load_seconds=kv.load_seconds, memory_ratio=memory)
+                load_seconds=kv.load_seconds, memory_ratio=kv.cache_bytes() / cache_bytes(pre.cache))
 
 
 def _measure_peer(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator,

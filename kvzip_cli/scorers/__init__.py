@@ -18,10 +18,14 @@ SCORERS: dict[str, type] = {
 DEFAULT_SCORER = "kvzip"
 
 
-def get_scorer(name: str) -> Scorer:
+def check_scorer(name: str) -> None:
     if name not in SCORERS:
         raise KvcError(f"unknown scorer {name!r}: use one of {', '.join(SCORERS)}")
+
+
+def get_scorer(name: str) -> Scorer:
+    check_scorer(name)
     return SCORERS[name]()
 
 
-__all__ = ["DEFAULT_SCORER", "SCORERS", "Scorer", "ScoringInputs", "get_scorer"]
+__all__ = ["DEFAULT_SCORER", "SCORERS", "Scorer", "ScoringInputs", "check_scorer", "get_scorer"]
