@@ -2,7 +2,8 @@
 averaged table, and a PNG), so results can be compared across commits.
 
     python examples/bench_corpus.py [--peers [NAME,...]] [--scorers kvzip,...] [--allocations global,...]
-                                    [--ratios 0.5,0.3,0.2,0.1] [DOC ...]
+                                    [--ratios 0.5,0.3,0.2,0.1] [--bits 16,4,...] [--presets lossless,...]
+                                    [--out DIR] [DOC ...]
 
 With every scorer, --peers KVzipPress,CompactorPress and the default ratios this takes about 20 minutes per
 4k-token document on 2 CPU cores.
@@ -24,8 +25,8 @@ from kvzip_cli.models import load_model
 from kvzip_cli.progress import progress_bars
 
 HERE = Path(__file__).parent
-METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "needle", "compression", "memory_ratio",
-           "compress_seconds", "score_seconds", "prefill_seconds", "load_seconds")
+METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "needle", "compression", "bits_per_element",
+           "memory_ratio", "compress_seconds", "score_seconds", "prefill_seconds", "load_seconds")
 
 
 def averaged(results: list[dict]) -> list[dict]:
@@ -68,13 +69,16 @@ def main() -> None:
     parser.add_argument("--scorers", default=",".join(KVC_SCORERS))
     parser.add_argument("--allocations", default="", help="default: each scorer's own")
     parser.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
+    parser.add_argument("--bits", default="16", help="bit widths, comma-separated (16, 32, 8, 4, 3, 2)")
+    parser.add_argument("--presets", default="", help="presets to measure, comma-separated")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.peers:
         require_kvpress()
     names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
-    sweep = build_sweep(ratios=tuple(float(r) for r in args.ratios.split(",")), scorers=names(args.scorers),
-                        peers=names(args.peers), allocations=names(args.allocations) or (None,))
+    sweep = build_sweep(ratios=tuple(float(r) for r in names(args.ratios)), scorers=names(args.scorers),
+                        peers=names(args.peers), allocations=names(args.allocations) or (None,),
+                        bits=tuple(int(b) for b in names(args.bits)), presets=names(args.presets))
     args.out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2")
     results = []

@@ -3,6 +3,8 @@
 `raw`  : the payload is the element bytes.
 `zstd` : the element bytes are split into byte planes (all first bytes, then all second bytes, ...; `shuffle`
          is the element size) and the result is one zstd frame that declares its content size.
+`rans` : symbol streams of a `kv_layer_quantized` section only; coded and decoded by `quantized` and `rans`,
+         which know the section's lanes and tables.
 """
 
 import numpy as np
@@ -36,6 +38,8 @@ def encode(codec: str, data: bytes | memoryview, itemsize: int) -> tuple[bytes, 
         return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(shuffled), {
             "shuffle": itemsize
         }
+    if codec == "rans":
+        raise CodecError("a rans stream is encoded by its section (see kvc_format.quantized)")
     raise CodecError(f"unknown codec {codec!r}")
 
 
@@ -91,7 +95,9 @@ def decode(codec: str, payload: memoryview, decoded_length: int, params: dict) -
         if len(out) != decoded_length:
             raise CodecError(f"zstd stream decoded to {len(out)} bytes, expected {decoded_length}")
         return _unshuffle(out, shuffle)
+    if codec == "rans":
+        raise CodecError("a rans stream decodes only within its section (it needs the section's lanes and tables)")
     raise CodecError(f"unknown codec {codec!r}")
 
 
-CODECS = ("raw", "zstd")
+CODECS = ("raw", "zstd", "rans")

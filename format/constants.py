@@ -5,7 +5,7 @@ import numpy as np
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVCINDEX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 1
+MINOR_VERSION = 2
 LITTLE_ENDIAN = ord("L")
 
 PREAMBLE_SIZE = 16  # magic(8) major(u16) minor(u16) byte_order(u8) reserved(3)
@@ -26,6 +26,7 @@ DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
     "uint8": np.dtype("u1"),
+    "uint16": np.dtype("<u2"),
     "int32": np.dtype("<i4"),
 }
 
@@ -33,7 +34,14 @@ DTYPES: dict[str, np.dtype] = {
 SECTION_STREAMS: dict[str, tuple[str, ...]] = {
     "kv_layer": ("keys", "values"),
     "kv_layer_pruned": ("counts", "positions", "keys", "values"),
+    "kv_layer_quantized": (
+        "counts", "positions", "exact_keys", "exact_values", "key_zero", "key_step", "key_symbols", "key_tables",
+        "value_zero", "value_step", "value_symbols", "value_tables",
+    ),
 }
 
 # The section type that stores one layer, for each `cache.layout`.
-LAYER_SECTION: dict[str, str] = {"dense": "kv_layer", "pruned": "kv_layer_pruned"}
+LAYER_SECTION: dict[str, str] = {"dense": "kv_layer", "pruned": "kv_layer_pruned", "quantized": "kv_layer_quantized"}
+
+# How the keys of a quantized cache are stored: with RoPE applied (as the model cached them) or removed.
+KEY_ROPE = ("applied", "removed")

@@ -8,13 +8,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import codecs
+from . import codecs, quantized, rans
 from .constants import (
     ALIGNMENT,
     DTYPES,
     END_MAGIC,
     FOOTER_SIZE,
     HEADER_PREFIX_SIZE,
+    KEY_ROPE,
     LAYER_SECTION,
     LITTLE_ENDIAN,
     MAGIC,
@@ -47,6 +48,7 @@ MAX_KV_HEADS = 1024
 MAX_HEAD_DIM = 8192
 MAX_TOKENS = 1 << 24
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+VERIFY_BATCH = 8  # layers decoded together by verify(): bounds its memory
 
 
 def _align(n: int) -> int:
@@ -99,8 +101,10 @@ class StoredArray(NamedTuple):
 
 
 class StoredLayer(NamedTuple):
-    """One layer. Dense: keys/values (kv_heads, tokens, head_dim), positions None. Pruned: keys/values
-    (kept, head_dim), row order head 0's kept positions first, and positions the per-head kept positions."""
+    """One layer. Dense: keys/values (kv_heads, tokens, head_dim), positions None. Pruned and quantized: keys/values
+    (kept, head_dim), row order head 0's kept positions first, and positions the per-head kept positions. A
+    quantized layer is dequantized to float32; when `geometry.key_rope` is "removed" its keys still need RoPE at
+    `positions`."""
 
     keys: StoredArray
     values: StoredArray
@@ -114,6 +118,8 @@ class CacheGeometry:
     tokens: int
     head_dim: int
     layout: str = "dense"
+    exact_positions: int = 0  # quantized: positions below this are stored exactly
+    key_rope: str = "applied"  # quantized: "removed" when the keys are stored before RoPE
 
 
 def _parse_stream(entry, where: str, section_length: int) -> StreamInfo:
@@ -180,6 +186,13 @@ def _parse_geometry(header: dict) -> CacheGeometry:
         head_dim=_count(cache, "head_dim", "header.cache", 1, MAX_HEAD_DIM),
         layout=layout,
     )
+    if layout == "quantized":
+        key_rope = _field(cache, "key_rope", str, "header.cache")
+        if key_rope not in KEY_ROPE:
+            raise MetadataError(f"header.cache.key_rope {key_rope!r} is not one of {KEY_ROPE}")
+        exact = _count(cache, "exact_positions", "header.cache", 0, geometry.tokens)
+        geometry = CacheGeometry(geometry.layers, geometry.kv_heads, geometry.tokens, geometry.head_dim, layout,
+                                 exact, key_rope)
     prompt = _field(header, "prompt", dict, "header")
     prefix_ids = _field(prompt, "prefix_ids", list, "header.prompt")
     if len(prefix_ids) != geometry.tokens:
@@ -314,63 +327,158 @@ class KvcReader:
                 raise MetadataError(f"layer {layer} holds streams {names}, expected {SECTION_STREAMS[kind]}")
             if kind == "kv_layer":
                 n = g.kv_heads * g.tokens
-                cache_shape = (g.kv_heads, g.tokens, g.head_dim)
             else:
                 n = _count(s.attrs, "kept", f"layer {layer} section", g.kv_heads, g.kv_heads * g.tokens)
-                cache_shape = (n, g.head_dim)
-            expected = {"counts": (g.kv_heads,), "positions": (n,), "keys": cache_shape, "values": cache_shape}
+            expected = self._expected_streams(s, layer, n)
             for st in s.streams:
-                dtypes = ("int32",) if st.name in ("counts", "positions") else CACHE_DTYPES
+                dtypes, want = expected[st.name]
                 if st.dtype not in dtypes:
                     raise MetadataError(f"layer {layer} {st.name} has dtype {st.dtype}, not one of {dtypes}")
-                want = expected[st.name]
-                if st.shape != want:
+                if want is not None and st.shape != want:
                     raise MetadataError(f"layer {layer} {st.name} has shape {list(st.shape)}, expected {list(want)}")
+                if st.codec == "rans" and st.name not in ("key_symbols", "value_symbols"):
+                    raise CodecError(f"layer {layer} {st.name}: only symbol streams may use the rans codec")
             by_layer[layer] = s
             kept[layer] = n
         if len(by_layer) != g.layers:
             missing = sorted(set(range(g.layers)) - set(by_layer))
             raise LayoutError(f"layers {missing[:8]} have no section")
-        if g.layout == "pruned":
+        if g.layout != "dense":
             total = _count(self.header["cache"], "kept", "header.cache", 1, g.layers * g.kv_heads * g.tokens)
             if total != sum(kept.values()):
                 raise MetadataError(f"header.cache.kept = {total} but the layer sections keep {sum(kept.values())}")
         self._kept = [kept[i] for i in range(g.layers)]
         return [by_layer[i] for i in range(g.layers)]
 
-    def read_section(self, section: SectionInfo) -> dict[str, np.ndarray]:
-        """Read one section, check its CRC-32, then decode each stream to an array of its declared shape."""
+    def _expected_streams(self, s: SectionInfo, layer: int, n: int) -> dict[str, tuple[tuple[str, ...], tuple]]:
+        """stream name → (allowed dtypes, shape or None when checked separately) for one layer section."""
+        g = self.geometry
+        ints = ("int32",)
+        if s.type == "kv_layer":
+            dense = (g.kv_heads, g.tokens, g.head_dim)
+            return {"keys": (CACHE_DTYPES, dense), "values": (CACHE_DTYPES, dense)}
+        if s.type == "kv_layer_pruned":
+            rows = (n, g.head_dim)
+            return {"counts": (ints, (g.kv_heads,)), "positions": (ints, (n,)), "keys": (CACHE_DTYPES, rows),
+                    "values": (CACHE_DTYPES, rows)}
+        exact = _count(s.attrs, "exact", f"layer {layer} section", 0, min(n, g.kv_heads * g.exact_positions))
+        q = n - exact
+        shapes = {st.name: st.shape for st in s.streams}
+        value_groups = shapes["value_step"][1] if len(shapes["value_step"]) == 2 else -1
+        if value_groups < 1 or g.head_dim % value_groups:
+            raise MetadataError(f"layer {layer} value_step has shape {list(shapes['value_step'])}: its groups "
+                                f"must divide head_dim {g.head_dim}")
+        # Without zero points (0 rows) the values are uniform: symbols centred on 128, alphabet 256.
+        uniform = len(shapes["value_zero"]) == 2 and shapes["value_zero"][0] == 0 and q > 0
+        value_tables = shapes["value_tables"]
+        if uniform and (len(value_tables) != 2 or value_tables[1] != 256):
+            raise MetadataError(f"layer {layer}: values without zero points need an alphabet of 256")
+        tables = {}
+        for name, symbols, alphabets in (("key_tables", "key_symbols", (256,)),
+                                         ("value_tables", "value_symbols", (4, 8, 16, 256))):
+            shape = shapes[name]
+            coded = next(st for st in s.streams if st.name == symbols).codec == "rans"
+            if len(shape) != 2 or shape[1] not in alphabets or (shape[0] > 0) != coded:
+                raise MetadataError(f"layer {layer} {name} has shape {list(shape)}: it needs {alphabets} columns "
+                                    "and rows exactly when its symbols use the rans codec")
+            tables[name] = (("uint16",), shape)
+        floats = ("float32",)
+        halves = ("float16",)
+        return {
+            "counts": (ints, (g.kv_heads,)), "positions": (ints, (n,)),
+            "exact_keys": (CACHE_DTYPES, (exact, g.head_dim)), "exact_values": (CACHE_DTYPES, (exact, g.head_dim)),
+            "key_zero": (floats, (g.kv_heads, g.head_dim)), "key_step": (floats, (g.kv_heads, g.head_dim)),
+            "key_symbols": (("uint8",), (q, g.head_dim)),
+            "value_zero": (halves, (0 if uniform else q, value_groups)), "value_step": (halves, (q, value_groups)),
+            "value_symbols": (("uint8",), (q, g.head_dim)),
+            **tables,
+        }
+
+    def _read_arrays(self, section: SectionInfo) -> tuple[dict[str, np.ndarray], dict[str, memoryview]]:
+        """Check a section's CRC-32 and decode its streams; rans payloads are returned undecoded."""
         data = self._read_at(section.offset, section.length)
         if zlib.crc32(data) != section.crc32:
             raise ChecksumError(f"checksum mismatch in the {section.type} section at byte {section.offset}")
         view = memoryview(data)
-        arrays = {}
+        arrays, coded = {}, {}
         for s in section.streams:
-            raw = codecs.decode(s.codec, view[s.offset : s.offset + s.length], s.decoded_length, s.params)
+            payload = view[s.offset : s.offset + s.length]
+            if s.codec == "rans":
+                coded[s.name] = payload
+                continue
+            raw = codecs.decode(s.codec, payload, s.decoded_length, s.params)
             arrays[s.name] = raw.view(DTYPES[s.dtype]).reshape(s.shape)
+        return arrays, coded
+
+    def read_section(self, section: SectionInfo) -> dict[str, np.ndarray]:
+        """Read one section, check its CRC-32, then decode each stream to an array of its declared shape."""
+        arrays, coded = self._read_arrays(section)
+        if coded:
+            raise CodecError(f"streams {sorted(coded)} decode only through read_layers")
         return arrays
 
-    def read_layer(self, layer: int) -> StoredLayer:
-        """Keys, values and (pruned layout) the validated per-head kept positions of one layer; see StoredLayer."""
-        section = self._layers[layer]
-        arrays = self.read_section(section)
-        dtypes = {s.name: s.dtype for s in section.streams}
-        keys, values = (StoredArray(arrays[name], dtypes[name]) for name in ("keys", "values"))
-        if section.type == "kv_layer":
-            return StoredLayer(keys, values, None)
+    def _positions(self, layer: int, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         try:
-            positions = decode_positions(arrays["counts"], arrays["positions"], self.geometry.tokens)
+            return decode_positions(arrays["counts"], arrays["positions"], self.geometry.tokens)
         except MetadataError as exc:
             raise MetadataError(f"layer {layer}: {exc}") from None
-        return StoredLayer(keys, values, positions)
+
+    def read_layer(self, layer: int) -> StoredLayer:
+        """Keys, values and (pruned, quantized layouts) the validated per-head kept positions of one layer."""
+        return self.read_layers([layer])[0]
+
+    def read_layers(self, layers: list[int] | None = None) -> list[StoredLayer]:
+        """Several layers at once (all by default): the rANS streams of all of them decode in one vectorised pass,
+        which is much faster than layer by layer."""
+        layers = list(range(self.geometry.layers)) if layers is None else layers
+        g = self.geometry
+        out: dict[int, StoredLayer] = {}
+        pending = []
+        for layer in layers:
+            section = self._layers[layer]
+            arrays, coded = self._read_arrays(section)
+            dtypes = {s.name: s.dtype for s in section.streams}
+            if section.type == "kv_layer":
+                out[layer] = StoredLayer(*(StoredArray(arrays[n], dtypes[n]) for n in ("keys", "values")), None)
+                continue
+            positions = self._positions(layer, arrays)
+            if section.type == "kv_layer_pruned":
+                out[layer] = StoredLayer(*(StoredArray(arrays[n], dtypes[n]) for n in ("keys", "values")), positions)
+                continue
+            exact, rows_q = quantized.split_exact(positions, g.exact_positions)
+            if int(exact.sum()) != section.attrs["exact"]:
+                raise MetadataError(f"layer {layer}: {int(exact.sum())} positions are below exact_positions but "
+                                    f"the section stores {section.attrs['exact']} exact rows")
+            params = {s.name: s.params for s in section.streams}
+            items = {}
+            for name, table in (("key_symbols", "key_tables"), ("value_symbols", "value_tables")):
+                if name in coded:
+                    freq = arrays[table]
+                    rans.validate_tables(freq, freq.shape[1])
+                    items[name] = quantized.rans_item(coded[name], params[name], freq, rows_q, g.head_dim,
+                                                      f"layer {layer} {name}")
+            pending.append((layer, arrays, items, exact, rows_q, positions))
+        batch = [tuple(item) for p in pending for item in p[2].values()]
+        decoded = iter(rans.decode_many(batch) if batch else [])
+        for layer, arrays, items, exact, rows_q, positions in pending:
+            symbols = {}
+            for name in ("key_symbols", "value_symbols"):
+                if name in items:
+                    symbols[name] = quantized.from_lanes(next(decoded), rows_q, g.head_dim)
+                else:
+                    symbols[name] = arrays[name]
+            keys, values = quantized.decode_layer(arrays, symbols, exact, rows_q)
+            out[layer] = StoredLayer(StoredArray(keys, "float32"), StoredArray(values, "float32"), positions)
+        return [out[layer] for layer in layers]
 
     def verify(self) -> None:
         """Check padding, every section's checksum, that every stream decodes to its declared size, and positions."""
         for start, end in self._gaps:
             if any(self._read_at(start, end - start)):
                 raise LayoutError(f"padding bytes {start}..{end} are not zero")
-        for layer in range(self.geometry.layers):
-            self.read_layer(layer)
+        layers = list(range(self.geometry.layers))
+        for first in range(0, len(layers), VERIFY_BATCH):
+            self.read_layers(layers[first : first + VERIFY_BATCH])
 
     def section_sizes(self) -> list[int]:
         return [s.length for s in self._layers]

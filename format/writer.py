@@ -24,13 +24,15 @@ from .packing import pack
 @dataclass(frozen=True)
 class Stream:
     """One array to store: `data` holds its little-endian element bytes in C order. `codec`, when set, replaces the
-    section's codec for this stream."""
+    section's codec for this stream. `encoded` = (payload, params) is a payload the caller already encoded with
+    `codec` (the rANS coder needs the section's geometry, which a stream alone does not know)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     data: bytes | memoryview
     codec: str | None = None
+    encoded: tuple[bytes, dict] | None = None
 
 
 def _align(n: int) -> int:
@@ -72,7 +74,10 @@ class KvcWriter:
             if len(s.data) != expected:
                 raise KvcFormatError(f"stream {s.name!r}: {len(s.data)} bytes for shape {s.shape} of {s.dtype}")
             stream_codec = codec if s.codec is None else s.codec
-            payload, params = codecs.encode(stream_codec, s.data, itemsize)
+            if s.encoded is not None:
+                payload, params = s.encoded
+            else:
+                payload, params = codecs.encode(stream_codec, s.data, itemsize)
             entries.append(
                 {
                     "name": s.name,

@@ -28,6 +28,13 @@ app = typer.Typer(
 class Codec(str, Enum):
     raw = "raw"
     zstd = "zstd"
+    ans = "ans"
+
+
+class PresetName(str, Enum):
+    lossless = "lossless"
+    balanced = "balanced"
+    small = "small"
 
 
 class ScorerName(str, Enum):
@@ -111,22 +118,36 @@ def compress(
     document: Annotated[str, typer.Argument(help="UTF-8 text file to compress, or - to read stdin.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically).")],
     model: ModelOption = "smollm2",
-    ratio: Annotated[float, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
-                                       "--scorer decides which entries stay, without knowing any question.")] = 1.0,
-    scorer: Annotated[ScorerName, typer.Option(help="kvzip: attention while the model repeats the document (best, "
-                                               "costs ~2 prefills); compactor: key leverage + local attention "
-                                               "(~1 prefill); knorm, streaming, random: cheap baselines.")] = (
-        ScorerName.kvzip
+    preset: Annotated[PresetName, typer.Option(help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller); "
+                                               "balanced: 30% of entries (KVzip), 3-bit, entropy-coded (~20x); "
+                                               "small: 12% of entries, 3-bit keys, 2-bit values (~50x). --ratio, "
+                                               "--scorer, --bits, --codec override it.")] = (
+        PresetName.balanced
     ),
+    ratio: Annotated[float | None, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
+                                              "--scorer decides which entries stay, without knowing any "
+                                              "question. [default: from --preset]")] = None,
+    scorer: Annotated[ScorerName | None, typer.Option(help="kvzip: attention while the model repeats the document "
+                                                      "(best, costs ~2 prefills); compactor: key leverage + local "
+                                                      "attention (~1 prefill); knorm, streaming, random: cheap "
+                                                      "baselines. [default: from --preset]")] = None,
     allocation: Annotated[Allocation | None, typer.Option(help="How the kept entries are spread: global (one "
                                                           "threshold over all layers and heads), layer or head "
                                                           "(equal shares). Default: the scorer's own (global for "
                                                           "kvzip and compactor, head for the baselines).")] = None,
-    bits: Annotated[int, typer.Option(help="Bits per stored element: 16 (float16, or bfloat16 as computed) or "
-                                      "32 (float32 as computed, bit-exact).")] = 16,
-    codec: Annotated[Codec, typer.Option(help="raw: bytes as computed; zstd: byte-planes + zstd (lossless).")] = (
-        Codec.zstd
-    ),
+    bits: Annotated[int | None, typer.Option(help="16 (float16, or bfloat16 as computed) or 32 (float32, "
+                                             "bit-exact) store floats; 8, 4, 3, 2 quantize: keys per channel "
+                                             "(RoPE removed), values per token. [default: from --preset]")] = None,
+    codec: Annotated[Codec | None, typer.Option(help="ans: rANS entropy coding of quantized symbols (smallest); "
+                                                "zstd: byte-planes + zstd; raw: bytes as they are. [default: ans "
+                                                "for quantized bits, else zstd]")] = None,
+    key_bits: Annotated[int | None, typer.Option(help="Quantized keys: their own precision, 8, 4, 3 or 2 (keys "
+                                                 "carry most of the error). [default: --bits]")] = None,
+    group: Annotated[int | None, typer.Option(help="Quantized values: channels sharing one zero point and step "
+                                              "(must divide the head size). [default: the whole head]")] = None,
+    pre_rope: Annotated[bool | None, typer.Option("--pre-rope/--no-pre-rope", help="Quantized keys: store them "
+                                                  "with RoPE removed (quantizes better) and re-apply it at load. "
+                                                  "[default: when the model's RoPE allows]")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
@@ -136,19 +157,23 @@ def compress(
     """Prefill DOCUMENT once through the model and store its KV cache in a .kvc file.
 
     The document is placed in the model's chat template as a reusable prefix; `kvc load --prompt` later appends
-    a question to it without re-reading the document.
+    a question to it without re-reading the document. By default (--preset balanced) 30% of the entries are kept,
+    quantized to 3 bits and entropy-coded: about 20x smaller than the float16 cache.
     """
+    from .compress import QuantOptions
     from .compress import compress as run_compress
 
     result = run_compress(
         document,
         output,
         model=model,
-        codec=codec.value,
+        preset=preset.value,
+        codec=codec.value if codec else None,
         ratio=ratio,
-        scorer=scorer.value,
+        scorer=scorer.value if scorer else None,
         allocation=allocation.value if allocation else None,
         bits=bits,
+        quant=QuantOptions(key_bits=key_bits, value_group=group, pre_rope=pre_rope),
         chunk_size=chunk_size,
         device=device,
         dtype=dtype,
@@ -235,6 +260,13 @@ def _summary(reader: KvcReader) -> dict:
     header = reader.header
     g = reader.geometry
     kept, per_layer = reader.kept_per_layer(), g.kv_heads * g.tokens
+    elements = 2 * sum(kept) * g.head_dim  # kept keys and values
+    streams: dict[str, dict] = {}
+    for section in reader.sections:
+        for st in section.streams:
+            entry = streams.setdefault(st.name, {"bytes": 0, "codecs": set()})
+            entry["bytes"] += st.length
+            entry["codecs"].add(st.codec)
     return {
         "file": reader.path,
         "version": f"{reader.version[0]}.{reader.version[1]}",
@@ -249,6 +281,9 @@ def _summary(reader: KvcReader) -> dict:
         "prompt": {k: v for k, v in header["prompt"].items() if k != "prefix_ids"},
         "timings": header.get("timings", {}),
         "writer": header.get("kvc", {}).get("writer"),
+        "bits_per_element": 8 * reader.file_size / elements,
+        "streams": {name: {"bytes": e["bytes"], "bits_per_element": 8 * e["bytes"] / elements,
+                           "codecs": sorted(e["codecs"])} for name, e in streams.items()},
         "layers": [{"layer": i, "bytes": n, "kept_ratio": k / per_layer}
                    for i, (n, k) in enumerate(zip(reader.section_sizes(), kept, strict=True))],
     }
@@ -274,7 +309,10 @@ def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_o
                f"KV computed in {cache.get('computed_dtype')}, layout {cache['layout']}")
     typer.echo(f"  settings     {info['settings']}")
     typer.echo(f"  size         {_mb(info['file_bytes'])} for {_mb(info['raw_bytes'])} of fp16 KV "
-               f"({info['raw_bytes'] / info['file_bytes']:.2f}x)")
+               f"({info['raw_bytes'] / info['file_bytes']:.2f}x), {info['bits_per_element']:.2f} bits per kept "
+               "element")
+    typer.echo("  streams      " + ", ".join(f"{name} {e['bits_per_element']:.2f} ({'/'.join(e['codecs'])})"
+                                             for name, e in info["streams"].items()))
     if info["timings"].get("prefill_seconds") is not None:
         typer.echo(f"  prefill      {info['timings']['prefill_seconds']:.2f} s on {info['timings'].get('device')}")
     sizes = [entry["bytes"] for entry in info["layers"]]
@@ -322,7 +360,10 @@ def bench(
     ratios: Annotated[str, typer.Option(help="Kept fractions for pruning settings and peers, comma-separated.")] = (
         "0.5,0.3,0.2,0.1"
     ),
-    bits: Annotated[str, typer.Option(help="Bit widths for kvc settings, comma-separated.")] = "16",
+    bits: Annotated[str, typer.Option(help="Bit widths for kvc settings, comma-separated: 16, 32 (floats), 8, 4, "
+                                      "3, 2 (quantized; measured with the entropy coder and with zstd).")] = "16",
+    presets: Annotated[str, typer.Option(help="Presets to measure, comma-separated (lossless, balanced, small); "
+                                         "empty for none.")] = "lossless,balanced,small",
     scorers: Annotated[str, typer.Option(help="kvc scorers to sweep at each ratio, comma-separated: kvzip, "
                                          "compactor, knorm, streaming, random; empty for none.")] = "kvzip",
     allocations: Annotated[str, typer.Option(help="Budget allocations to sweep for each scorer, comma-separated "
@@ -358,6 +399,7 @@ def bench(
         scorers=tuple(s.strip() for s in scorers.split(",") if s.strip()),
         peers=peers,
         allocations=tuple(a.strip() for a in allocations.split(",") if a.strip()) or (None,),
+        presets=tuple(p.strip() for p in presets.split(",") if p.strip()),
     )
     if peers:
         require_kvpress()

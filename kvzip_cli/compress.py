@@ -10,22 +10,55 @@ import torch
 from transformers import DynamicCache
 
 from kvc_format import KvcWriter, Stream, encode_positions
+from kvc_format.quantized import Quantization, encode_layer
 
 from . import __version__
-from .budget import check_allocation, check_ratio, protected_positions
+from .budget import SINK_TOKENS, check_allocation, check_ratio, protected_positions
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt, read_document
 from .errors import KvcError
 from .fingerprint import fingerprint
 from .models import EMBEDDED, LoadedModel, load_model
 from .prefill import prefill
+from .presets import DEFAULT_PRESET, get_preset
 from .progress import TaskFactory, progress_bars, silent_task
 from .pruning import Pruning, score_context
+from .rope import head_dim, rope_tables, unrotate
 from .scorers import DEFAULT_SCORER, check_scorer
 from .tensors import storage_tensor, to_stream
 
-CODECS = ("raw", "zstd")
+CODECS = ("raw", "zstd", "ans")
+FLOAT_BITS = (16, 32)
+QUANT_BITS = (8, 4, 3, 2)
 DEFAULT_CHUNK = 512
+# Quantization steps at 4 bits, as fractions of each head's key RMS and of each value row's RMS; every bit added
+# halves them. Chosen on the example corpus (examples/results/quantization.md): at 4 bits the kld stays below 0.005
+# with under 4 bits per element once entropy-coded.
+KEY_STEP_AT_4_BITS = 0.15
+VALUE_STEP_AT_4_BITS = 0.3
+
+
+def default_codec(bits: int) -> str:
+    return "ans" if bits in QUANT_BITS else "zstd"
+
+
+def key_step(bits: int) -> float:
+    return KEY_STEP_AT_4_BITS * 2.0 ** (4 - bits)
+
+
+def value_step(bits: int) -> float:
+    return VALUE_STEP_AT_4_BITS * 2.0 ** (4 - bits)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Quantization knobs beyond `bits`: key precision in bits when it differs from the values' (keys carry most of
+    the error), channels per value zero point (None: the whole head) and whether keys are stored with RoPE removed
+    (None: when the model's RoPE can be undone)."""
+
+    key_bits: int | None = None
+    value_group: int | None = None
+    pre_rope: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -54,17 +87,24 @@ def raw_fp16_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int) -> in
 
 
 def _check_settings(codec: str, ratio: float, bits: int, chunk_size: int, scorer: str,
-                    allocation: str | None) -> None:
+                    allocation: str | None, quant: QuantOptions = QuantOptions()) -> None:
     if codec not in CODECS:
         raise KvcError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
+    if bits not in FLOAT_BITS + QUANT_BITS:
+        raise KvcError(f"--bits {bits}: use 16 or 32 (floats) or {', '.join(map(str, QUANT_BITS))} (quantized)")
+    if codec == "ans" and bits in FLOAT_BITS:
+        raise KvcError(f"--codec ans entropy-codes quantized symbols: use it with --bits "
+                       f"{'|'.join(map(str, QUANT_BITS))}, or --codec zstd for {bits}-bit floats")
+    if quant.key_bits is not None and (quant.key_bits not in QUANT_BITS or bits not in QUANT_BITS):
+        raise KvcError(f"--key-bits {quant.key_bits}: use one of {', '.join(map(str, QUANT_BITS))}, with --bits "
+                       "quantized too")
+    if quant.value_group is not None and quant.value_group < 1:
+        raise KvcError(f"--group {quant.value_group} must be at least 1")
     if not 0 < ratio <= 1:
         raise KvcError(f"--ratio {ratio} is out of range: it is the kept fraction, 0 < ratio <= 1")
     check_scorer(scorer)
     if allocation is not None:
         check_allocation(allocation)
-    if bits not in (16, 32):
-        raise KvcError(f"--bits {bits}: this version stores 16-bit (default) or 32-bit floats; quantization "
-                       "to fewer bits is not available yet")
     if chunk_size < 1:
         raise KvcError(f"--chunk-size {chunk_size} must be at least 1")
 
@@ -107,12 +147,13 @@ def check_output(output: Path) -> None:
         raise KvcError(f"output folder {output.parent} does not exist")
 
 
-def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None) -> dict:
+def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None) -> dict:
     cache, identity, layout = pre.cache, pre.identity, pre.layout
+    layers, heads = len(cache.layers), identity["num_kv_heads"]
     geometry = {
-        "layout": "dense" if pruning is None else "pruned",
-        "layers": len(cache.layers),
-        "kv_heads": identity["num_kv_heads"],
+        "layout": "quantized" if quant else "dense" if pruning is None else "pruned",
+        "layers": layers,
+        "kv_heads": heads,
         "tokens": pre.tokens,
         "head_dim": identity["head_dim"],
         "computed_dtype": DTYPE_NAMES[cache.layers[0].keys.dtype],
@@ -120,9 +161,13 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None) -> d
     settings = {"ratio": 1.0, "kept_ratio": 1.0, "scorer": None, "allocation": None, "bits": bits, "codec": codec,
                 "chunk_size": pre.chunk_size}
     if pruning is not None:
-        geometry["kept"] = int(pruning.keep.sum())
         settings.update(ratio=pruning.ratio, kept_ratio=pruning.kept_ratio, scorer=pruning.scorer,
                         allocation=pruning.allocation)
+    if pruning is not None or quant:
+        geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else layers * heads * pre.tokens
+    if quant:
+        geometry.update(exact_positions=quant["exact_positions"], key_rope=quant["key_rope"])
+        settings.update({k: quant[k] for k in ("value_group", "value_step", "key_bits", "key_step")})
     return {
         "kvc": {"writer": f"kvc {__version__}"},
         "model": {**identity, "name": pre.lm.name, "dtype": DTYPE_NAMES[pre.lm.model.dtype]},
@@ -139,9 +184,13 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None) -> d
     }
 
 
+def _kept_positions(keep: torch.Tensor) -> list[torch.Tensor]:
+    return [row.nonzero().squeeze(-1) for row in keep.cpu()]
+
+
 def _pruned_streams(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, bits: int) -> list[Stream]:
     """keys/values (kv_heads, tokens, head_dim), keep (kv_heads, tokens) → the kv_layer_pruned streams."""
-    positions = [row.nonzero().squeeze(-1) for row in keep.cpu()]
+    positions = _kept_positions(keep)
     counts, gaps = encode_positions([p.numpy() for p in positions])
     kept_keys = torch.cat([keys[h, p.to(keys.device)] for h, p in enumerate(positions)])
     kept_values = torch.cat([values[h, p.to(values.device)] for h, p in enumerate(positions)])
@@ -153,25 +202,75 @@ def _pruned_streams(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor
     ]
 
 
+def _value_group(options: QuantOptions, head_dim: int) -> int:
+    group = min(options.value_group or head_dim, head_dim)
+    if head_dim % group:
+        raise KvcError(f"--group {group} must divide the model's head_dim ({head_dim})")
+    return group
+
+
+def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
+    """(Quantization, RoPE tables or None, header fields) for a quantized write."""
+    tables = None
+    if options.pre_rope is not False:
+        tables = rope_tables(pre.lm.model, torch.arange(pre.tokens))
+        if tables is None and options.pre_rope:
+            raise KvcError(f"--pre-rope: model {pre.lm.name!r} has no full-width rotary embedding kvc can undo; "
+                           "use --no-pre-rope")
+    head_dim = pre.identity["head_dim"]
+    group = _value_group(options, head_dim)
+    key_bits = options.key_bits or bits
+    quant = Quantization(value_mode="uniform", value_step=value_step(bits), value_group=group,
+                         key_step=key_step(key_bits), exact_positions=SINK_TOKENS,
+                         coder="rans" if codec == "ans" else codec)
+    fields = {"exact_positions": SINK_TOKENS, "key_rope": "removed" if tables is not None else "applied",
+              "value_group": group, "value_step": quant.value_step, "key_bits": key_bits, "key_step": quant.key_step}
+    return quant, tables, fields
+
+
+def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, quant: Quantization,
+                     tables: tuple[torch.Tensor, torch.Tensor] | None):
+    """keys/values (kv_heads, tokens, head_dim) → the kv_layer_quantized streams and section attributes."""
+    keys, values = keys.float().cpu(), values.float().cpu()
+    if tables is not None:
+        keys = unrotate(keys, *(t.cpu() for t in tables))
+    positions = _kept_positions(keep)
+    kept_keys = torch.cat([keys[h, p] for h, p in enumerate(positions)]).numpy()
+    kept_values = torch.cat([values[h, p] for h, p in enumerate(positions)]).numpy()
+    try:
+        return encode_layer(kept_keys, kept_values, [p.numpy() for p in positions], quant)
+    except ValueError as exc:
+        raise KvcError(f"cannot quantize this cache: {exc}") from None
+
+
 def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd", bits: int = 16,
-              pruning: Pruning | None = None, task: TaskFactory = silent_task) -> CompressResult:
-    """Store a prefilled cache in `output` (atomically), pruned to `pruning.keep` when given.
+              pruning: Pruning | None = None, quant: QuantOptions = QuantOptions(),
+              task: TaskFactory = silent_task) -> CompressResult:
+    """Store a prefilled cache in `output` (atomically), pruned to `pruning.keep` when given, quantized to `bits`
+    when bits is 8, 4, 3 or 2.
 
     `seconds` counts the prefill, the scoring and the write.
     """
     output = Path(output)
     check_output(output)
+    _check_settings(codec, pruning.ratio if pruning else 1.0, bits, pre.chunk_size, DEFAULT_SCORER, None, quant)
     started = time.perf_counter()
     cache, identity = pre.cache, pre.identity
     computed = cache.layers[0].keys.dtype
     if bits == 32 and computed != torch.float32:
         raise KvcError(f"--bits 32 keeps float32 KV, but the model computed {DTYPE_NAMES[computed]}; "
                        "use --bits 16 or --dtype float32")
+    quantizer, tables, fields = _quantizer(pre, bits, codec, quant) if bits in QUANT_BITS else (None, None, None)
     advance = task("write", len(cache.layers))
-    with KvcWriter(output, _header(pre, bits, codec, pruning)) as writer:
+    with KvcWriter(output, _header(pre, bits, codec, pruning, fields)) as writer:
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys[0], layer.values[0]
-            if pruning is None:
+            if quantizer is not None:
+                keep = pruning.keep[i] if pruning is not None else torch.ones(keys.shape[:2], dtype=torch.bool)
+                encoded = _quantized_layer(keys, values, keep, quantizer, tables)
+                writer.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams,
+                                   codec="zstd")
+            elif pruning is None:
                 streams = [to_stream("keys", storage_tensor(keys, bits)),
                            to_stream("values", storage_tensor(values, bits))]
                 writer.add_section("kv_layer", {"layer": i}, streams, codec=codec)
@@ -206,11 +305,13 @@ def compress_text(
     output: str | os.PathLike,
     *,
     model: str | LoadedModel = EMBEDDED,
-    codec: str = "zstd",
-    ratio: float = 1.0,
-    scorer: str = DEFAULT_SCORER,
+    preset: str = DEFAULT_PRESET,
+    codec: str | None = None,
+    ratio: float | None = None,
+    scorer: str | None = None,
     allocation: str | None = None,
-    bits: int = 16,
+    bits: int | None = None,
+    quant: QuantOptions = QuantOptions(),
     chunk_size: int = DEFAULT_CHUNK,
     device: str = "auto",
     dtype: str = "auto",
@@ -218,20 +319,32 @@ def compress_text(
 ) -> CompressResult:
     """Prefill `text` as a reusable prompt prefix and store its KV cache in `output`.
 
+    `preset` ("lossless", "balanced", "small") sets ratio, scorer, bits and codec; any of them given here wins.
     With `ratio` < 1, `scorer` rates every entry without knowing any question and `allocation` ("global", "layer"
-    or "head"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads.
+    or "head"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads. `bits` 8, 4,
+    3 or 2 quantize (keys per channel, values per token), `codec` "ans" entropy-codes the quantized symbols.
     """
-    _check_settings(codec, ratio, bits, chunk_size, scorer, allocation)
+    chosen = get_preset(preset)
+    ratio = chosen.ratio if ratio is None else ratio
+    scorer = chosen.scorer if scorer is None else scorer
+    bits = chosen.bits if bits is None else bits
+    if codec is None:
+        codec = chosen.codec if bits == chosen.bits else default_codec(bits)
+    if quant.key_bits is None and bits == chosen.bits and chosen.key_bits is not None:
+        quant = replace(quant, key_bits=chosen.key_bits)
+    _check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
     check_output(Path(output))
     started = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    if bits in QUANT_BITS:  # before the costly prefill
+        _value_group(quant, head_dim(lm.model))
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
         pruning = None
         if ratio < 1:
             check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
             pruning = score_context(lm, pre.cache, pre.layout, scorer, task).keep(ratio, allocation)
-        result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, task=task)
+        result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task)
     return replace(result, seconds=time.perf_counter() - started)
 
 

@@ -4,6 +4,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -17,6 +18,7 @@ from .errors import KvcError
 from .fingerprint import differences, fingerprint
 from .models import LoadedModel
 from .progress import TaskFactory, silent_task
+from .rope import rope_tables, rotate
 from .tensors import from_stored
 
 
@@ -83,19 +85,30 @@ def load(
         check_identity(reader.header, model, tokenizer)
         geometry = reader.geometry
         advance = task("load", geometry.layers)
+        # A quantized file decodes all its layers in one vectorised rANS pass; the others layer by layer.
+        batch = geometry.layers if geometry.layout == "quantized" else 1
         dense = DynamicCache(config=model.config)
         pruned = []
-        for layer in range(geometry.layers):
-            stored = reader.read_layer(layer)
-            k = from_stored(stored.keys, model.device, model.dtype).unsqueeze(0)
-            v = from_stored(stored.values, model.device, model.dtype).unsqueeze(0)
-            if stored.positions is None:
-                dense.update(k, v, layer)
-            else:
-                counts = [len(p) for p in stored.positions]
-                pruned.append(PrunedLayer(list(k.split(counts, dim=1)), list(v.split(counts, dim=1)),
-                                          geometry.tokens))
-            advance(1)
+        full = geometry.kv_heads * geometry.tokens
+        # A quantized file of the whole cache loads as an ordinary dense cache.
+        keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
+        rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
+        for first in range(0, geometry.layers, batch):
+            for layer, stored in enumerate(reader.read_layers(list(range(first, first + batch))), start=first):
+                k = from_stored(stored.keys, model.device, torch.float32 if rope_removed else model.dtype)
+                v = from_stored(stored.values, model.device, model.dtype)
+                if rope_removed:
+                    k = _rotate_rows(model, k, stored.positions, geometry.tokens).to(model.dtype)
+                if stored.positions is None:
+                    dense.update(k.unsqueeze(0), v.unsqueeze(0), layer)
+                elif keeps_all:
+                    shape = (1, geometry.kv_heads, geometry.tokens, geometry.head_dim)
+                    dense.update(k.reshape(shape), v.reshape(shape), layer)
+                else:
+                    counts = [len(p) for p in stored.positions]
+                    pruned.append(PrunedLayer(list(k.unsqueeze(0).split(counts, dim=1)),
+                                              list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens))
+                advance(1)
         cache = PrunedCache(pruned) if pruned else dense
         if pruned:
             use_kvc_attention(model)
@@ -111,6 +124,16 @@ def load(
         header=reader.header,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _rotate_rows(model: PreTrainedModel, keys: torch.Tensor, positions: tuple, tokens: int) -> torch.Tensor:
+    """Re-apply RoPE to keys stored with it removed: keys (kept, head_dim) float32, rows in head order."""
+    tables = rope_tables(model, torch.arange(tokens))
+    if tables is None:
+        raise KvcError("this file stores keys before RoPE, but the model has no rotary embedding kvc can apply")
+    rows = torch.from_numpy(np.concatenate(positions)).to(device=keys.device, dtype=torch.int64)
+    cos, sin = (t.to(keys.device)[rows] for t in tables)
+    return rotate(keys, cos, sin)
 
 
 @dataclass(frozen=True)

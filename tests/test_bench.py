@@ -133,7 +133,7 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, tiny_folder, short_doc):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "out.png"
     result = bench(short_doc, "--model", tiny_folder, "--bits", "16,32", "--new-tokens", "6", "--plot", plot,
-                   "--scorers", "", "--json")
+                   "--scorers", "", "--presets", "", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = {row["setting"]: row for row in data["rows"]}
@@ -150,6 +150,26 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, tiny_folder, short_doc):
         assert key in exact
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["kind"] for p in data["probes"]].count("reconstruction") == 4
+
+
+def test_bench_quantized_rows_and_presets(tiny_folder, short_doc):
+    """Quantized bit widths: the full cache with the entropy coder and with zstd on the same symbols, pruned rows
+    at each width, and every preset."""
+    result = bench(short_doc, "--model", tiny_folder, "--bits", "4,2", "--ratios", "0.5", "--new-tokens", "4",
+                   "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["setting"]: row for row in json.loads(result.stdout)["rows"]}
+    for bits in (4, 2):
+        ans, zstd = rows[f"kvc {bits}-bit ans"], rows[f"kvc {bits}-bit zstd"]
+        assert ans["kld"] == pytest.approx(zstd["kld"])  # same symbols, another coder
+        assert ans["error"] is None and ans["bits_per_element"] < 16
+        assert rows[f"kvc kvzip 0.5 {bits}-bit"]["codec"] == "ans"
+    assert rows["kvc 2-bit ans"]["file_bytes"] < rows["kvc 4-bit ans"]["file_bytes"]
+    assert rows["kvc 4-bit ans"]["kld"] <= rows["kvc 2-bit ans"]["kld"]
+    presets = {name: rows[f"preset {name}"] for name in ("lossless", "balanced", "small")}
+    assert presets["lossless"]["kld"] < 1e-3 and presets["lossless"]["bits_per_element"] == pytest.approx(16, rel=0.3)
+    assert presets["small"]["file_bytes"] < presets["balanced"]["file_bytes"] < presets["lossless"]["file_bytes"]
+    assert presets["balanced"]["kept_ratio"] == pytest.approx(0.3, abs=0.01)
 
 
 def test_bench_pruned_rows(tiny_folder, short_doc):
@@ -216,7 +236,8 @@ def test_peers_without_kvpress_is_one_line(monkeypatch, short_doc):
 
 @pytest.mark.parametrize(
     "args,fragment",
-    [(["--ratios", "a,b"], "comma-separated"), (["--ratios", "0"], "out of range"), (["--bits", "4"], "not available"),
+    [(["--ratios", "a,b"], "comma-separated"), (["--ratios", "0"], "out of range"), (["--bits", "5"], "not available"),
+     (["--presets", "tiny"], "not one of"),
      (["--scorers", "kvzap"], "not available"), (["--allocations", "even"], "not one of"),
      (["--probes", "/no/such/file"], "does not exist")],
 )

@@ -44,7 +44,8 @@ def kvc_file(tmp_path_factory, tiny_folder, short_doc) -> Path:
 
 def test_compress_json_contract(tmp_path, tiny_folder, short_doc):
     out = tmp_path / "d.kvc"
-    result = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--codec", "raw", "--json")
+    result = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--preset", "lossless", "--codec", "raw",
+                 "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert CONTRACT["compress"] <= data.keys()
@@ -63,8 +64,8 @@ def test_compress_text_summary_and_stdin(tmp_path, tiny_folder, short_doc):
 @pytest.mark.parametrize("scorer,allocation", [("kvzip", "global"), ("compactor", "layer"), ("knorm", "head")])
 def test_pruned_file_through_every_command(tmp_path, tiny_folder, short_doc, scorer, allocation):
     out = tmp_path / "p.kvc"
-    made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--ratio", "0.4", "--scorer", scorer,
-               "--allocation", allocation, "--json")
+    made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--preset", "lossless", "--ratio", "0.4",
+               "--scorer", scorer, "--allocation", allocation, "--json")
     assert made.exit_code == 0, made.output
     data = json.loads(made.stdout)
     assert data["kept_ratio"] == pytest.approx(0.4, abs=1e-3) and data["scorer"] == scorer
@@ -101,7 +102,10 @@ def test_inspect(kvc_file):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert CONTRACT["inspect"] <= data.keys()
-    assert data["version"] == "1.1" and len(data["layers"]) == 3
+    assert data["version"] == "1.2" and len(data["layers"]) == 3
+    # the default preset, balanced: 30% kept, 3-bit, entropy-coded
+    assert data["cache"]["layout"] == "quantized" and data["kept_ratio"] == pytest.approx(0.3, abs=1e-3)
+    assert data["settings"]["bits"] == 3 and data["settings"]["codec"] == "ans"
     text = run("inspect", kvc_file)
     assert text.exit_code == 0 and "sections" in text.stdout
 
@@ -145,7 +149,10 @@ def test_load_wrong_model(tmp_path, kvc_file, tiny_tokenizer):
         (["compress", "{binary}", "-o", "{out}"], "binary"),
         (["compress", "{doc}", "-o", "{out}", "--ratio", "0"], "out of range"),
         (["compress", "{doc}", "-o", "{out}", "--ratio", "0.001", "--json"], "attention sinks"),
-        (["compress", "{doc}", "-o", "{out}", "--bits", "4"], "not available"),
+        (["compress", "{doc}", "-o", "{out}", "--bits", "5"], "use 16 or 32"),
+        (["compress", "{doc}", "-o", "{out}", "--bits", "16", "--codec", "ans"], "entropy-codes quantized"),
+        (["compress", "{doc}", "-o", "{out}", "--key-bits", "7"], "--key-bits 7"),
+        (["compress", "{doc}", "-o", "{out}", "--group", "5"], "must divide"),
         (["compress", "{doc}", "-o", "{out}", "--model", "no-such-model"], "unknown model"),
         (["compress", "{doc}", "-o", "{tmp}"], "is a directory"),
         (["compress", "{doc}", "-o", "{tmp}/no/such/dir.kvc"], "does not exist"),

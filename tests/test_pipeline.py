@@ -35,7 +35,7 @@ def cached(lm: LoadedModel, kv, ids: torch.Tensor, new_tokens: int):
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
 def test_bits32_is_exact(tmp_path, tiny, codec):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny, codec=codec, bits=32)
+    compress_text(TEXT, path, preset="lossless", model=tiny, codec=codec, bits=32)
     kv = load(path, tiny)
     for question in QUESTIONS:
         ids = kv.prompt_ids(tiny.tokenizer, question)
@@ -47,7 +47,7 @@ def test_bits32_is_exact(tmp_path, tiny, codec):
 
 def test_bits16_logits_within_fp16_rounding(tmp_path, tiny):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny, bits=16)
+    compress_text(TEXT, path, preset="lossless", model=tiny, bits=16)
     with KvcReader(path) as r:
         assert {r.read_layer(0)[0].dtype, r.read_layer(0)[1].dtype} == {"float16"}
     kv = load(path, tiny)
@@ -71,7 +71,7 @@ def test_chunk_size_does_not_change_the_cache(tiny):
 
 def test_header_records_prompt_and_settings(tmp_path, tiny):
     path = tmp_path / "doc.kvc"
-    result = compress_text(TEXT, path, model=tiny, codec="zstd")
+    result = compress_text(TEXT, path, preset="lossless", model=tiny, codec="zstd")
     layout = layout_prompt(tiny.tokenizer, TEXT)
     with KvcReader(path) as r:
         assert r.header["prompt"]["prefix_ids"] == layout.prefix_ids
@@ -87,7 +87,7 @@ def test_header_records_prompt_and_settings(tmp_path, tiny):
 
 def test_cached_answer_positions_continue_after_document(tmp_path, tiny):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny, bits=32)
+    compress_text(TEXT, path, preset="lossless", model=tiny, bits=32)
     kv = load(path, tiny)
     assert kv.cache.get_seq_length() == kv.input_ids.shape[1]
     first = ask(tiny.model, tiny.tokenizer, kv, QUESTIONS[0], 6)
@@ -98,14 +98,14 @@ def test_cached_answer_positions_continue_after_document(tmp_path, tiny):
 
 def test_other_weights_with_same_shapes_are_refused(tmp_path, tiny_tokenizer):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny_model("llama", tiny_tokenizer, seed=0))
+    compress_text(TEXT, path, preset="lossless", model=tiny_model("llama", tiny_tokenizer, seed=0))
     with pytest.raises(KvcError, match="weight_digest"):
         load(path, tiny_model("llama", tiny_tokenizer, seed=1))
 
 
 def test_other_architecture_is_refused(tmp_path, tiny_tokenizer):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny_model("llama", tiny_tokenizer))
+    compress_text(TEXT, path, preset="lossless", model=tiny_model("llama", tiny_tokenizer))
     with pytest.raises(KvcError, match="architecture"):
         load(path, tiny_model("qwen2", tiny_tokenizer))
 
@@ -113,7 +113,7 @@ def test_other_architecture_is_refused(tmp_path, tiny_tokenizer):
 def test_other_tokenizer_is_refused(tmp_path, tiny_tokenizer):
     path = tmp_path / "doc.kvc"
     lm = tiny_model("llama", tiny_tokenizer)
-    compress_text(TEXT, path, model=lm)
+    compress_text(TEXT, path, preset="lossless", model=lm)
     other = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer,
                                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
     other.chat_template = "{{ messages[0]['content'] }}"
@@ -123,7 +123,7 @@ def test_other_tokenizer_is_refused(tmp_path, tiny_tokenizer):
 
 def test_same_weights_in_bfloat16_are_accepted(tmp_path, tiny_tokenizer):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny_model("qwen2", tiny_tokenizer))
+    compress_text(TEXT, path, preset="lossless", model=tiny_model("qwen2", tiny_tokenizer))
     bf16 = tiny_model("qwen2", tiny_tokenizer)
     bf16.model.to(torch.bfloat16)
     kv = load(path, bf16)
@@ -137,7 +137,7 @@ def test_plain_layout_without_chat_template(tmp_path, tiny_tokenizer):
     layout = layout_prompt(plain, TEXT)
     assert layout.template == "plain" and layout.question_prefix == " "
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=lm, bits=32)
+    compress_text(TEXT, path, preset="lossless", model=lm, bits=32)
     kv = load(path, lm)
     ids = kv.prompt_ids(plain, "What is licensed?")
     assert plain.decode(ids[0]).endswith("Question: What is licensed?\nAnswer:")
@@ -147,19 +147,20 @@ def test_plain_layout_without_chat_template(tmp_path, tiny_tokenizer):
 def test_document_longer_than_context_is_refused(tmp_path, tiny):
     tiny.model.config.max_position_embeddings = 64
     with pytest.raises(KvcError, match="handles at most 64"):
-        compress_text(TEXT, tmp_path / "doc.kvc", model=tiny)
+        compress_text(TEXT, tmp_path / "doc.kvc", preset="lossless", model=tiny)
     assert not (tmp_path / "doc.kvc").exists()
 
 
 @pytest.mark.parametrize(
     "options,message",
     [({"ratio": 0.0}, "out of range"), ({"ratio": 1.5}, "out of range"), ({"scorer": "h2o"}, "unknown scorer"),
-     ({"allocation": "even"}, "unknown allocation"), ({"bits": 4}, "not available"),
+     ({"allocation": "even"}, "unknown allocation"), ({"bits": 5}, "use 16 or 32"),
+     ({"bits": 16, "codec": "ans"}, "entropy-codes quantized"), ({"preset": "tiny"}, "unknown preset"),
      ({"codec": "lzma"}, "unknown codec"), ({"chunk_size": 0}, "chunk")],
 )
 def test_bad_settings_are_refused(tmp_path, tiny, options, message):
     with pytest.raises(KvcError, match=message):
-        compress_text(TEXT, tmp_path / "doc.kvc", model=tiny, **options)
+        compress_text(TEXT, tmp_path / "doc.kvc", model=tiny, **{"preset": "lossless", **options})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,17 +176,17 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(KvcWriter, "add_section", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compress_text(TEXT, tmp_path / "doc.kvc", model=tiny)
+        compress_text(TEXT, tmp_path / "doc.kvc", preset="lossless", model=tiny)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_survives_a_failed_run(tmp_path, tiny, monkeypatch):
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny)
+    compress_text(TEXT, path, preset="lossless", model=tiny)
     before = path.read_bytes()
     monkeypatch.setattr(KvcWriter, "add_section", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        compress_text(TEXT + " more", path, model=tiny)
+        compress_text(TEXT + " more", path, preset="lossless", model=tiny)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["doc.kvc"]
 
@@ -193,7 +194,7 @@ def test_existing_output_survives_a_failed_run(tmp_path, tiny, monkeypatch):
 def test_exactness_check_detects_a_wrong_cache(tmp_path, tiny):
     """Control for test_bits32_is_exact: the same comparison fails when the cache is off."""
     path = tmp_path / "doc.kvc"
-    compress_text(TEXT, path, model=tiny, bits=32)
+    compress_text(TEXT, path, preset="lossless", model=tiny, bits=32)
     kv = load(path, tiny)
     kv.cache.layers[1].values.mul_(0.5)
     ids = kv.prompt_ids(tiny.tokenizer, QUESTIONS[0])

@@ -11,8 +11,9 @@ from kvzip_cli.cache import PrunedCache
 from kvzip_cli.compress import prefill_document, write_kvc
 from kvzip_cli.errors import KvcError
 from kvzip_cli.pruning import Pruning, score_context
+from kvzip_cli.rope import unrotate
 from kvzip_cli.scorers import SCORERS, ScoringInputs
-from kvzip_cli.scorers.compactor import leverage, unrotate
+from kvzip_cli.scorers.compactor import leverage
 from kvzip_cli.scorers.kvzip import KVzipScorer, max_received
 
 from test_pipeline import TEXT
@@ -206,7 +207,7 @@ def test_pruned_file_attends_exactly_to_the_kept_entries(tmp_path, prefilled, sc
 
 @pytest.mark.parametrize("name", list(SCORERS))
 def test_ratio_one_with_any_scorer_is_exact(tmp_path, tiny, name):
-    compress_text(TEXT, tmp_path / "d.kvc", model=tiny, scorer=name, ratio=1.0, bits=32)
+    compress_text(TEXT, tmp_path / "d.kvc", preset="lossless", model=tiny, scorer=name, bits=32)
     with kvc_attention_in(tiny.model):
         kv = load(tmp_path / "d.kvc", tiny)
         ids = kv.prompt_ids(tiny.tokenizer, QUESTION)
@@ -217,7 +218,7 @@ def test_ratio_one_with_any_scorer_is_exact(tmp_path, tiny, name):
 
 
 def test_generate_on_a_pruned_cache_and_reset(tmp_path, tiny):
-    compress_text(TEXT, tmp_path / "p.kvc", model=tiny, scorer="kvzip", ratio=0.3)
+    compress_text(TEXT, tmp_path / "p.kvc", preset="lossless", model=tiny, scorer="kvzip", ratio=0.3)
     kv = load(tmp_path / "p.kvc", tiny)
     assert kv.cache.kept_ratio() == pytest.approx(0.3, abs=1e-3)
     ids = kv.prompt_ids(tiny.tokenizer, QUESTION)
@@ -235,7 +236,8 @@ def test_generate_on_a_pruned_cache_and_reset(tmp_path, tiny):
 def test_loaded_memory_scales_with_the_ratio(tmp_path, tiny):
     sizes = {}
     for ratio in (1.0, 0.5, 0.25):
-        compress_text(TEXT, tmp_path / f"{ratio}.kvc", model=tiny, scorer="knorm", ratio=ratio, bits=32)
+        compress_text(TEXT, tmp_path / f"{ratio}.kvc", preset="lossless", model=tiny, scorer="knorm", ratio=ratio,
+                      bits=32)
         sizes[ratio] = load(tmp_path / f"{ratio}.kvc", tiny).cache_bytes()
     assert sizes[0.5] / sizes[1.0] == pytest.approx(0.5, abs=0.002)
     assert sizes[0.25] / sizes[1.0] == pytest.approx(0.25, abs=0.002)

@@ -11,7 +11,7 @@ import zstandard
 
 from ..attention import kvc_attention_in
 from ..cache import cache_bytes
-from ..compress import Prefilled, prefill_document, raw_fp16_bytes, write_kvc
+from ..compress import Prefilled, QuantOptions, prefill_document, raw_fp16_bytes, write_kvc
 from ..load import load
 from ..models import LoadedModel
 from ..progress import TaskFactory, silent_task
@@ -73,6 +73,7 @@ def _row(setting: Setting, pre: Prefilled, **values) -> dict:
         "bits_per_element": 8 * file_bytes / elements if file_bytes else None,
         "compress_seconds": None, "prefill_seconds": pre.prefill_seconds, "load_seconds": None, "error": None,
         "scorer": setting.scorer, "allocation": setting.allocation, "score_seconds": None, "memory_ratio": None,
+        "key_bits": setting.key_bits or setting.bits,
     }
     row.update(values)
     return row
@@ -86,7 +87,8 @@ def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: E
         if setting.scorer not in scored:
             scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task)
         pruning = scored[setting.scorer].keep(setting.ratio, setting.allocation)
-    made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits, pruning=pruning)
+    made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits, pruning=pruning,
+                     quant=QuantOptions(key_bits=setting.key_bits))
     with kvc_attention_in(lm.model):
         kv = load(path, lm)
         metrics = evaluator.evaluate(CacheUnderTest(kv.cache, pre.tokens), reference)

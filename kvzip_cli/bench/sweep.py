@@ -3,15 +3,18 @@
 from dataclasses import dataclass
 
 from ..budget import ALLOCATIONS
-from ..compress import CODECS
+from ..compress import FLOAT_BITS, QUANT_BITS, default_codec
 from ..errors import KvcError
+from ..presets import PRESETS
 from ..scorers import SCORERS
 from .peers import PEERS
 
 DEFAULT_RATIOS = (0.5, 0.3, 0.2, 0.1)
-KVC_BITS = (16, 32)
+KVC_BITS = FLOAT_BITS + QUANT_BITS
 KVC_SCORERS = tuple(SCORERS)
-PRUNED_CODEC = "zstd"
+# Codecs measured on the full cache at each bit width: floats raw and zstd (both lossless); quantized symbols with
+# the entropy coder and with zstd, so the coder's margin over zstd is measured on the same symbols.
+FULL_CACHE_CODECS = {16: ("raw", "zstd"), 32: ("raw", "zstd"), **{b: ("ans", "zstd") for b in QUANT_BITS}}
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,10 @@ class Setting:
     peer: str | None = None
     scorer: str | None = None
     allocation: str | None = None  # None: the scorer's default
+    key_bits: int | None = None  # None: as bits
 
 
-def _check(ratios, bits, scorers, allocations) -> None:
+def _check(ratios, bits, scorers, allocations, presets) -> None:
     for r in ratios:
         if not 0 < r <= 1:
             raise KvcError(f"ratio {r} is out of range: ratios are kept fractions, 0 < r <= 1")
@@ -41,21 +45,35 @@ def _check(ratios, bits, scorers, allocations) -> None:
     for a in allocations:
         if a is not None and a not in ALLOCATIONS:
             raise KvcError(f"allocation {a!r} is not one of {', '.join(ALLOCATIONS)}")
+    for p in presets:
+        if p not in PRESETS:
+            raise KvcError(f"preset {p!r} is not one of {', '.join(PRESETS)}")
+
+
+def _full_cache_family(bits: int) -> str:
+    return "kvc lossless" if bits in FLOAT_BITS else "kvc quantized"
 
 
 def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=False,
-                allocations=(None,)) -> list[Setting]:
-    """Lossless kvc settings, each scorer × allocation × ratio × bits, the peers at each ratio, size baselines.
+                allocations=(None,), presets=()) -> list[Setting]:
+    """The full cache at each bit width and codec, each scorer × allocation × ratio × bits, the named presets, the
+    peers at each ratio, size baselines.
 
     `peers`: True for every kvpress press in PEERS, or a sequence of their names.
     """
-    _check(ratios, bits, scorers, allocations)
-    sweep = [Setting(f"kvc {b}-bit {c}", "kvc lossless", "kvc", 1.0, b, c) for b in bits for c in CODECS]
+    _check(ratios, bits, scorers, allocations, presets)
+    sweep = [Setting(f"kvc {b}-bit {c}", _full_cache_family(b), "kvc", 1.0, b, c)
+             for b in bits for c in FULL_CACHE_CODECS[b]]
     for s in scorers:
         for a in allocations:
             name = f"kvc {s}" + (f" {a}" if a else "")
-            sweep += [Setting(f"{name} {r:g}" + (f" {b}-bit" if len(bits) > 1 else ""), name, "kvc", r, b,
-                              PRUNED_CODEC, scorer=s, allocation=a) for r in ratios for b in bits]
+            sweep += [Setting(f"{name} {r:g}" + (f" {b}-bit" if len(bits) > 1 else ""),
+                              name + (f" {b}-bit" if len(bits) > 1 else ""), "kvc", r, b, default_codec(b),
+                              scorer=s, allocation=a) for b in bits for r in ratios]
+    for name in presets:
+        p = PRESETS[name]
+        sweep.append(Setting(f"preset {name}", "kvc presets", "kvc", p.ratio, p.bits, p.codec, scorer=p.scorer,
+                             key_bits=p.key_bits))
     chosen = PEERS if peers is True else tuple(peers or ())
     for p in chosen:
         if p not in PEERS:

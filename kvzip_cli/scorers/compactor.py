@@ -15,17 +15,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..attention import kvc_attention_in, observe_attention
+from ..rope import unrotate
 from .base import ScoringInputs
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE (rotate-half convention): the rotation by -θ."""
-    return keys * cos - rotate_half(keys) * sin
 
 
 def leverage(x: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:

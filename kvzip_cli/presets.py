@@ -1,0 +1,35 @@
+"""Named compression presets: each a documented combination of ratio, scorer, bits and codec, chosen from the bench
+(examples/results/presets.md). Options given explicitly override the preset's."""
+
+from dataclasses import dataclass
+
+from .errors import KvcError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    ratio: float
+    scorer: str
+    bits: int  # values (and keys unless key_bits is set)
+    codec: str
+    summary: str
+    key_bits: int | None = None
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset("lossless", 1.0, "kvzip", 16, "zstd", "every entry, bit-exact 16-bit floats, zstd: same answers"),
+        Preset("balanced", 0.3, "kvzip", 3, "ans", "30% of entries (KVzip), 3-bit keys and values, rANS-coded"),
+        Preset("small", 0.12, "kvzip", 2, "ans", "12% of entries (KVzip), 3-bit keys, 2-bit values, rANS-coded",
+               key_bits=3),
+    )
+}
+DEFAULT_PRESET = "balanced"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise KvcError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
