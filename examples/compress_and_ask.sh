@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Compress a licence text once (keeping 30% of its KV cache), inspect and verify the file, then answer from it.
+# Compress a licence text once (the default preset, balanced: 30% of the KV kept, 3-bit, entropy-coded), inspect
+# and verify the file, then answer from it.
 set -euo pipefail
 doc=${1:-"$(dirname "$0")/docs/apache-2.0.txt"}
 out=${2:-/tmp/kvc-example.kvc}
-kvc compress "$doc" -o "$out" --ratio 0.3
+kvc compress "$doc" -o "$out"
 kvc inspect "$out"
 kvc verify "$out"
 kvc load "$out" --prompt "Who is the licensor?"

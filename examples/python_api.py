@@ -1,6 +1,7 @@
-"""Compress a document once, keeping 30% of its KV cache, then answer several questions with `model.generate`.
+"""Compress a document once (a preset: balanced keeps 30% of the KV, 3-bit, entropy-coded), then answer several
+questions with `model.generate`.
 
-    python examples/python_api.py [DOC] [RATIO]
+    python examples/python_api.py [DOC] [PRESET]
 """
 
 import sys
@@ -12,17 +13,18 @@ import torch
 import kvzip_cli
 
 doc = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parent / "docs" / "apache-2.0.txt")
-ratio = float(sys.argv[2]) if len(sys.argv) > 2 else 0.3
+preset = sys.argv[2] if len(sys.argv) > 2 else "balanced"  # or "lossless", "small"
 questions = ["Who is the licensor?", "What does the license say about patents?", "Can I redistribute the work?"]
 
 lm = kvzip_cli.load_model("smollm2")  # the embedded SmolLM2-135M-Instruct, no network needed
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "doc.kvc"
-    made = kvzip_cli.compress(doc, path, model=lm, ratio=ratio)  # scorer="kvzip", allocation="global"
+    made = kvzip_cli.compress(doc, path, model=lm, preset=preset)  # ratio=, bits=, codec=, scorer= override it
     print(f"compressed {made.tokens} tokens, kept {made.kept_ratio:.0%} of the KV, into {made.file_bytes / 1e6:.1f} MB "
           f"({made.compression:.1f}x) in {made.seconds:.1f} s")
 
     kv = kvzip_cli.load(path, lm.model, lm.tokenizer)  # a pruned file switches the model to kvc's attention
+    print(f"{made.bits}-bit {made.codec}: {made.bits_per_element:.2f} bits per kept element")
     print(f"loaded in {kv.load_seconds:.2f} s (prefill took {made.prefill_seconds:.2f} s)\n")
     for question in questions:
         ids = kv.prompt_ids(lm.tokenizer, question)  # cached document tokens + the question's tokens

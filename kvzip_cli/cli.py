@@ -126,28 +126,27 @@ def compress(
     ),
     ratio: Annotated[float | None, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
                                               "--scorer decides which entries stay, without knowing any "
-                                              "question. [default: from --preset]")] = None,
+                                              "question. (default: from --preset)")] = None,
     scorer: Annotated[ScorerName | None, typer.Option(help="kvzip: attention while the model repeats the document "
                                                       "(best, costs ~2 prefills); compactor: key leverage + local "
                                                       "attention (~1 prefill); knorm, streaming, random: cheap "
-                                                      "baselines. [default: from --preset]")] = None,
+                                                      "baselines. (default: from --preset)")] = None,
     allocation: Annotated[Allocation | None, typer.Option(help="How the kept entries are spread: global (one "
                                                           "threshold over all layers and heads), layer or head "
                                                           "(equal shares). Default: the scorer's own (global for "
                                                           "kvzip and compactor, head for the baselines).")] = None,
     bits: Annotated[int | None, typer.Option(help="16 (float16, or bfloat16 as computed) or 32 (float32, "
                                              "bit-exact) store floats; 8, 4, 3, 2 quantize: keys per channel "
-                                             "(RoPE removed), values per token. [default: from --preset]")] = None,
+                                             "(RoPE removed), values per token. (default: from --preset)")] = None,
     codec: Annotated[Codec | None, typer.Option(help="ans: rANS entropy coding of quantized symbols (smallest); "
-                                                "zstd: byte-planes + zstd; raw: bytes as they are. [default: ans "
-                                                "for quantized bits, else zstd]")] = None,
+                                                "zstd: byte-planes + zstd; raw: bytes as they are. XX")] = None,
     key_bits: Annotated[int | None, typer.Option(help="Quantized keys: their own precision, 8, 4, 3 or 2 (keys "
-                                                 "carry most of the error). [default: --bits]")] = None,
-    group: Annotated[int | None, typer.Option(help="Quantized values: channels sharing one zero point and step "
-                                              "(must divide the head size). [default: the whole head]")] = None,
+                                                 "carry most of the error). (default: --bits)")] = None,
+    group: Annotated[int | None, typer.Option(help="Quantized values: channels sharing one quantization step "
+                                              "(must divide the head size). (default: the whole head)")] = None,
     pre_rope: Annotated[bool | None, typer.Option("--pre-rope/--no-pre-rope", help="Quantized keys: store them "
                                                   "with RoPE removed (quantizes better) and re-apply it at load. "
-                                                  "[default: when the model's RoPE allows]")] = None,
+                                                  "(default: when the model's RoPE allows)")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
@@ -189,8 +188,8 @@ def compress(
     if result.scorer:
         typer.echo(f"  kept         {result.kept_ratio:.1%} of entries ({result.scorer} scores, "
                    f"{result.allocation} allocation, scored in {result.score_seconds:.1f} s)")
-    typer.echo(f"  file         {_mb(result.file_bytes)} ({result.bits}-bit, {result.codec}), "
-               f"compression {result.compression:.2f}x")
+    typer.echo(f"  file         {_mb(result.file_bytes)} ({result.bits}-bit, {result.codec}, "
+               f"{result.bits_per_element:.2f} bits per kept element), compression {result.compression:.2f}x")
     typer.echo(f"  time         {result.seconds:.1f} s (prefill {result.prefill_seconds:.1f} s)")
 
 

@@ -78,8 +78,13 @@ class CompressResult:
     allocation: str | None = None
     score_seconds: float = 0.0
 
+    @property
+    def bits_per_element(self) -> float:
+        """File bits per kept K or V scalar (fp16 storage is 16)."""
+        return 8 * self.file_bytes / (self.raw_bytes / 2 * self.kept_ratio)
+
     def as_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "bits_per_element": self.bits_per_element}
 
 
 def raw_fp16_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int) -> int:

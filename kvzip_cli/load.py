@@ -21,6 +21,8 @@ from .progress import TaskFactory, silent_task
 from .rope import rope_tables, rotate
 from .tensors import from_stored
 
+DECODE_BATCH_ELEMENTS = 64 << 20  # 256 MB of float32 at a time
+
 
 @dataclass
 class LoadedKV:
@@ -85,16 +87,14 @@ def load(
         check_identity(reader.header, model, tokenizer)
         geometry = reader.geometry
         advance = task("load", geometry.layers)
-        # A quantized file decodes all its layers in one vectorised rANS pass; the others layer by layer.
-        batch = geometry.layers if geometry.layout == "quantized" else 1
         dense = DynamicCache(config=model.config)
         pruned = []
         full = geometry.kv_heads * geometry.tokens
         # A quantized file of the whole cache loads as an ordinary dense cache.
         keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
         rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
-        for first in range(0, geometry.layers, batch):
-            for layer, stored in enumerate(reader.read_layers(list(range(first, first + batch))), start=first):
+        for batch in _layer_batches(reader):
+            for layer, stored in zip(batch, reader.read_layers(batch), strict=True):
                 k = from_stored(stored.keys, model.device, torch.float32 if rope_removed else model.dtype)
                 v = from_stored(stored.values, model.device, model.dtype)
                 if rope_removed:
@@ -124,6 +124,22 @@ def load(
         header=reader.header,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _layer_batches(reader: KvcReader) -> list[list[int]]:
+    """Layers to decode together: a quantized file's rANS streams decode far faster many layers at a time (one
+    vectorised pass), up to DECODE_BATCH_ELEMENTS decoded elements to bound memory; other files layer by layer."""
+    if reader.geometry.layout != "quantized":
+        return [[layer] for layer in range(reader.geometry.layers)]
+    batches, size = [[]], 0
+    for layer, kept in enumerate(reader.kept_per_layer()):
+        elements = 2 * kept * reader.geometry.head_dim
+        if batches[-1] and size + elements > DECODE_BATCH_ELEMENTS:
+            batches.append([])
+            size = 0
+        batches[-1].append(layer)
+        size += elements
+    return batches
 
 
 def _rotate_rows(model: PreTrainedModel, keys: torch.Tensor, positions: tuple, tokens: int) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""compress → quantized .kvc → load on tiny random Qwen2 and Llama models: RoPE removal and re-application, exact
+sinks, pruning + quantization, presets, errors before the costly work."""
+
+import sys
+
+import pytest
+import torch
+
+from kvc_format import KvcReader
+from kvzip_cli import KvcError, compress_text, load
+from kvzip_cli.cache import PrunedCache
+from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
+from kvzip_cli.load import ask
+from kvzip_cli.pruning import score_context
+
+from test_pipeline import QUESTIONS, TEXT
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def prefilled(request, tiny_tokenizer):
+    from conftest import tiny_model
+
+    return prefill_document(TEXT, tiny_model(request.param, tiny_tokenizer), chunk_size=128)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("pre_rope", [True, False])
+def test_dense_quantized_cache_matches_the_original(tmp_path, prefilled, pre_rope):
+    """8 bits, the whole cache: loaded keys and values are the prefilled ones within a fraction of a percent (a
+    RoPE re-applied at wrong positions would be off by tens of percent), sinks exactly (to float16)."""
+    pre = prefilled
+    path = tmp_path / "q.kvc"
+    write_kvc(pre, path, codec="ans", bits=8, quant=QuantOptions(pre_rope=pre_rope))
+    with KvcReader(path) as r:
+        assert r.geometry.key_rope == ("removed" if pre_rope else "applied")
+    kv = load(path, pre.lm)
+    assert not isinstance(kv.cache, PrunedCache)  # every entry kept: an ordinary dense cache
+    for got, want in zip(kv.cache.layers, pre.cache.layers, strict=True):
+        assert relative_error(got.keys, want.keys) < 0.01
+        assert relative_error(got.values, want.values) < 0.01
+        torch.testing.assert_close(got.keys[:, :, :4], want.keys[:, :, :4], atol=2e-3, rtol=2e-3)
+
+
+def test_error_grows_as_bits_shrink(tmp_path, prefilled):
+    pre = prefilled
+    errors, sizes = [], []
+    for bits in (8, 4, 3, 2):
+        path = tmp_path / f"{bits}.kvc"
+        made = write_kvc(pre, path, codec="ans", bits=bits)
+        kv = load(path, pre.lm)
+        errors.append(sum(relative_error(g.keys, w.keys) for g, w in zip(kv.cache.layers, pre.cache.layers,
+                                                                          strict=True)))
+        sizes.append(made.file_bytes)
+    assert errors == sorted(errors) and sizes == sorted(sizes, reverse=True)
+
+
+def test_pruned_quantized_file_answers(tmp_path, prefilled):
+    """Pruning and quantization together: a PrunedCache holding exactly the kept entries, answering questions."""
+    pre = prefilled
+    pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.4)
+    path = tmp_path / "pq.kvc"
+    made = write_kvc(pre, path, codec="ans", bits=4, pruning=pruning)
+    assert made.compression > 1 / 0.4 * 2.5  # 40% of the entries at well under 8 bits each
+    kv = load(path, pre.lm)
+    assert isinstance(kv.cache, PrunedCache)
+    assert kv.cache.kept_ratio() == pytest.approx(made.kept_ratio)
+    for question in QUESTIONS:
+        answer = ask(pre.lm.model, pre.lm.tokenizer, kv, question, 5)
+        assert len(answer.token_ids) == 5
+
+
+def test_presets_set_the_file_and_options_override_them(tmp_path, prefilled):
+    pre = prefilled
+    made = {name: compress_text(TEXT, tmp_path / f"{name}.kvc", model=pre.lm, preset=name)
+            for name in ("lossless", "balanced", "small")}
+    assert made["lossless"].bits == 16 and made["lossless"].kept_ratio == 1.0
+    assert made["balanced"].bits == 3 and made["balanced"].codec == "ans"
+    assert made["small"].file_bytes < made["balanced"].file_bytes < made["lossless"].file_bytes
+    with KvcReader(tmp_path / "small.kvc") as r:
+        assert r.header["settings"]["key_bits"] == 3 and r.header["settings"]["bits"] == 2
+    override = compress_text(TEXT, tmp_path / "o.kvc", model=pre.lm, preset="balanced", bits=16, ratio=1.0)
+    assert override.codec == "zstd" and override.bits == 16 and override.kept_ratio == 1.0
+
+
+def test_group_is_checked_before_the_prefill(tmp_path, prefilled, monkeypatch):
+    monkeypatch.setattr(sys.modules["kvzip_cli.compress"], "prefill_document", lambda *a, **k: pytest.fail("prefill"))
+    with pytest.raises(KvcError, match="must divide"):
+        compress_text(TEXT, tmp_path / "g.kvc", model=prefilled.lm, bits=4, quant=QuantOptions(value_group=5))
+    assert not (tmp_path / "g.kvc").exists()
+
+
+def test_layer_batches_do_not_change_the_cache(tmp_path, prefilled, monkeypatch):
+    """Decoding layer by layer (a tiny batch budget) gives the same cache as all layers in one rANS pass."""
+    pre = prefilled
+    path = tmp_path / "q.kvc"
+    write_kvc(pre, path, codec="ans", bits=4)
+    together = load(path, pre.lm)
+    monkeypatch.setattr(sys.modules["kvzip_cli.load"], "DECODE_BATCH_ELEMENTS", 1)
+    apart = load(path, pre.lm)
+    for a, b in zip(together.cache.layers, apart.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
