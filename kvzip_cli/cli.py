@@ -318,7 +318,7 @@ def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_o
     typer.echo(f"  sections     {len(sizes)} layers, {min(sizes):,}..{max(sizes):,} bytes each")
     kept = [entry["kept_ratio"] for entry in info["layers"]]
     typer.echo(f"  kept         {info['kept_ratio']:.1%} of entries; per layer {min(kept):.1%}..{max(kept):.1%}")
-    if info["cache"]["layout"] == "pruned":
+    if info["kept_ratio"] < 1:
         typer.echo("  per layer    " + " ".join(f"{k:.0%}" for k in kept))
 
 

@@ -201,8 +201,9 @@ def test_version_and_help():
 
 SLOW_WRITER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from kvc_format import writer
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
     original = writer.KvcWriter.add_section
     def slow(self, *args, **kwargs):
         result = original(self, *args, **kwargs)

@@ -40,7 +40,7 @@ def excerpts(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_lossless_answers_match_uncached_model(tmp_path, smol, excerpts, name):
-    result = compress(excerpts[name], tmp_path / "doc.kvc", model=smol, codec="zstd", bits=32)
+    result = compress(excerpts[name], tmp_path / "doc.kvc", model=smol, preset="lossless", codec="zstd", bits=32)
     assert 1_500 < result.tokens < 3_000
     kv = load(tmp_path / "doc.kvc", smol)
     for question in CASES[name]:
@@ -54,7 +54,7 @@ def test_lossless_answers_match_uncached_model(tmp_path, smol, excerpts, name):
 def test_16bit_storage_is_near_lossless(tmp_path, smol, excerpts):
     from kvzip_cli.bench.metrics import FidelityTotals
 
-    compress(excerpts["gpl-2.txt"], tmp_path / "doc.kvc", model=smol, codec="zstd", bits=16)
+    compress(excerpts["gpl-2.txt"], tmp_path / "doc.kvc", model=smol, preset="lossless", codec="zstd", bits=16)
     kv = load(tmp_path / "doc.kvc", smol)
     totals = FidelityTotals()
     n = kv.input_ids.shape[1]
@@ -77,7 +77,8 @@ def test_cli_end_to_end(tmp_path, smol, excerpts):
     out = tmp_path / "doc.kvc"
     question = CASES["apache-2.0.txt"][1]
     kvc = [sys.executable, "-m", "kvzip_cli"]
-    done = subprocess.run([*kvc, "compress", str(excerpts["apache-2.0.txt"]), "-o", str(out), "--bits", "32", "--json"],
+    done = subprocess.run([*kvc, "compress", str(excerpts["apache-2.0.txt"]), "-o", str(out), "--preset", "lossless",
+                           "--bits", "32", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
