@@ -188,7 +188,9 @@ def compress(
     if result.scorer:
         typer.echo(f"  kept         {result.kept_ratio:.1%} of entries ({result.scorer} scores, "
                    f"{result.allocation} allocation, scored in {result.score_seconds:.1f} s)")
-    typer.echo(f"  file         {_mb(result.file_bytes)} ({result.bits}-bit, {result.codec}, "
+    precision = f"{result.bits}-bit" if result.key_bits in (None, result.bits) else (
+        f"{result.key_bits}-bit keys, {result.bits}-bit values")
+    typer.echo(f"  file         {_mb(result.file_bytes)} ({precision}, {result.codec}, "
                f"{result.bits_per_element:.2f} bits per kept element), compression {result.compression:.2f}x")
     typer.echo(f"  time         {result.seconds:.1f} s (prefill {result.prefill_seconds:.1f} s)")
 

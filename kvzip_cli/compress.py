@@ -77,6 +77,7 @@ class CompressResult:
     scorer: str | None = None  # None when nothing was pruned
     allocation: str | None = None
     score_seconds: float = 0.0
+    key_bits: int | None = None  # quantized files: the keys' precision (may differ from `bits`, the values')
 
     @property
     def bits_per_element(self) -> float:
@@ -302,6 +303,7 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
         scorer=pruning.scorer if pruning else None,
         allocation=pruning.allocation if pruning else None,
         score_seconds=score_seconds,
+        key_bits=fields["key_bits"] if fields else None,
     )
 
 

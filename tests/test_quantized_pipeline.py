@@ -79,6 +79,7 @@ def test_presets_set_the_file_and_options_override_them(tmp_path, prefilled):
     assert made["lossless"].bits == 16 and made["lossless"].kept_ratio == 1.0
     assert made["balanced"].bits == 3 and made["balanced"].codec == "ans"
     assert made["small"].file_bytes < made["balanced"].file_bytes < made["lossless"].file_bytes
+    assert made["small"].key_bits == 3 and made["small"].bits == 2
     with KvcReader(tmp_path / "small.kvc") as r:
         assert r.header["settings"]["key_bits"] == 3 and r.header["settings"]["bits"] == 2
     override = compress_text(TEXT, tmp_path / "o.kvc", model=pre.lm, preset="balanced", bits=16, ratio=1.0)
