@@ -6,7 +6,7 @@ more levels, which the bench showed is what attention needs) and the zero point 
 symbol 128. Values are quantized per token, each row cut into groups of `value_group` channels, two ways:
 - `uniform` (for entropy coding): step = `value_step` × the group's RMS, symbol = round(v / step) + 128, no zero
   point stored. The step, not a bit width, sets the error; the entropy coder spends bits only where values vary.
-- `minmax` (KIVI, fixed rate): zero point = the group's minimum, step = (max - min) / (2^bits - 1).
+- `minmax` (KIVI, fixed rate): zero point = the group's minimum (rounded down), step = (max - zero) / (2^bits - 1).
 Steps and zero points are stored as float16.
 
 Rows are a layer's kept entries, head 0's first (the pruned layout's order); `rows_per_head` gives the split.
@@ -72,7 +72,10 @@ def quantize_values(values: np.ndarray, bits: int, group: int) -> ValueCode:
     rows, dim = values.shape
     top = (1 << bits) - 1
     grouped = values.reshape(rows, dim // group, group).astype(np.float32)
-    zero = grouped.min(-1).astype(np.float16)
+    low = grouped.min(-1)
+    zero = low.astype(np.float16)
+    # Round the zero point down, never above the group's minimum, so the step below cannot turn negative.
+    zero = np.where(zero.astype(np.float32) > low, np.nextafter(zero, np.float16(-np.inf)), zero)
     z = zero.astype(np.float32)[..., None]
     step = ((grouped.max(-1) - zero.astype(np.float32)) / top).astype(np.float16)
     s = step.astype(np.float32)[..., None]

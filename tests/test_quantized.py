@@ -105,6 +105,15 @@ def test_file_round_trip_reproduces_the_quantizer(tmp_path, coder, mode, bits):
             np.testing.assert_array_equal(stored.values.data[~exact], dequantize_values(code))
 
 
+def test_minmax_step_is_never_negative():
+    """A group whose minimum rounds up in float16 past its maximum still gets a step >= 0 (found by the spec-only
+    reader: the reference reader refuses negative steps)."""
+    values = np.array([[1.0006, 1.0007, 1.0006, 1.0007]] * 3, np.float32)
+    code = quantize_values(values, 2, 4)
+    assert (code.step >= 0).all() and (code.zero.astype(np.float32) <= values.min()).all()
+    assert np.abs(dequantize_values(code) - values).max() < 1e-3
+
+
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(0, 50), step=st.floats(0.05, 4.0), group=st.sampled_from([1, 4, 16, 64]),
        seed=st.integers(0, 10_000))
