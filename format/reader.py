@@ -334,7 +334,7 @@ class KvcReader:
                 dtypes, want = expected[st.name]
                 if st.dtype not in dtypes:
                     raise MetadataError(f"layer {layer} {st.name} has dtype {st.dtype}, not one of {dtypes}")
-                if want is not None and st.shape != want:
+                if st.shape != want:
                     raise MetadataError(f"layer {layer} {st.name} has shape {list(st.shape)}, expected {list(want)}")
                 if st.codec == "rans" and st.name not in ("key_symbols", "value_symbols"):
                     raise CodecError(f"layer {layer} {st.name}: only symbol streams may use the rans codec")
@@ -351,7 +351,7 @@ class KvcReader:
         return [by_layer[i] for i in range(g.layers)]
 
     def _expected_streams(self, s: SectionInfo, layer: int, n: int) -> dict[str, tuple[tuple[str, ...], tuple]]:
-        """stream name → (allowed dtypes, shape or None when checked separately) for one layer section."""
+        """stream name → (allowed dtypes, shape) for one layer section, from the index alone."""
         g = self.geometry
         ints = ("int32",)
         if s.type == "kv_layer":
