@@ -21,8 +21,6 @@ from .progress import TaskFactory, silent_task
 from .rope import rope_tables, rotate
 from .tensors import from_stored
 
-DECODE_BATCH_ELEMENTS = 64 << 20  # 256 MB of float32 at a time
-
 
 @dataclass
 class LoadedKV:
@@ -93,12 +91,13 @@ def load(
         # A quantized file of the whole cache loads as an ordinary dense cache.
         keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
         rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
-        for batch in _layer_batches(reader):
+        rope = _rope(model, geometry.tokens) if rope_removed else None
+        for batch in reader.layer_batches():
             for layer, stored in zip(batch, reader.read_layers(batch), strict=True):
-                k = from_stored(stored.keys, model.device, torch.float32 if rope_removed else model.dtype)
+                k = from_stored(stored.keys, model.device, model.dtype if rope is None else torch.float32)
                 v = from_stored(stored.values, model.device, model.dtype)
-                if rope_removed:
-                    k = _rotate_rows(model, k, stored.positions, geometry.tokens).to(model.dtype)
+                if rope is not None:
+                    k = _rotate_rows(k, stored.positions, *rope).to(model.dtype)
                 if stored.positions is None:
                     dense.update(k.unsqueeze(0), v.unsqueeze(0), layer)
                 elif keeps_all:
@@ -126,30 +125,18 @@ def load(
     )
 
 
-def _layer_batches(reader: KvcReader) -> list[list[int]]:
-    """Layers to decode together: a quantized file's rANS streams decode far faster many layers at a time (one
-    vectorised pass), up to DECODE_BATCH_ELEMENTS decoded elements to bound memory; other files layer by layer."""
-    if reader.geometry.layout != "quantized":
-        return [[layer] for layer in range(reader.geometry.layers)]
-    batches, size = [[]], 0
-    for layer, kept in enumerate(reader.kept_per_layer()):
-        elements = 2 * kept * reader.geometry.head_dim
-        if batches[-1] and size + elements > DECODE_BATCH_ELEMENTS:
-            batches.append([])
-            size = 0
-        batches[-1].append(layer)
-        size += elements
-    return batches
-
-
-def _rotate_rows(model: PreTrainedModel, keys: torch.Tensor, positions: tuple, tokens: int) -> torch.Tensor:
-    """Re-apply RoPE to keys stored with it removed: keys (kept, head_dim) float32, rows in head order."""
+def _rope(model: PreTrainedModel, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (cos, sin) at positions 0 … tokens − 1, computed once per load."""
     tables = rope_tables(model, torch.arange(tokens))
     if tables is None:
         raise KvcError("this file stores keys before RoPE, but the model has no rotary embedding kvc can apply")
-    rows = torch.from_numpy(np.concatenate(positions)).to(device=keys.device, dtype=torch.int64)
-    cos, sin = (t.to(keys.device)[rows] for t in tables)
-    return rotate(keys, cos, sin)
+    return tables
+
+
+def _rotate_rows(keys: torch.Tensor, positions: tuple, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Re-apply RoPE to keys stored with it removed: keys (kept, head_dim) float32, rows in head order."""
+    rows = torch.from_numpy(np.concatenate(positions)).to(device=cos.device, dtype=torch.int64)
+    return rotate(keys, cos[rows].to(keys.device), sin[rows].to(keys.device))
 
 
 @dataclass(frozen=True)

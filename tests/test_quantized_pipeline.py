@@ -99,7 +99,9 @@ def test_layer_batches_do_not_change_the_cache(tmp_path, prefilled, monkeypatch)
     path = tmp_path / "q.kvc"
     write_kvc(pre, path, codec="ans", bits=4)
     together = load(path, pre.lm)
-    monkeypatch.setattr(sys.modules["kvzip_cli.load"], "DECODE_BATCH_ELEMENTS", 1)
+    monkeypatch.setattr(sys.modules["kvc_format.reader"], "DECODE_BATCH_ELEMENTS", 1)
+    with KvcReader(path) as r:
+        assert r.layer_batches() == [[layer] for layer in range(r.geometry.layers)]
     apart = load(path, pre.lm)
     for a, b in zip(together.cache.layers, apart.cache.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
