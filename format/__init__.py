@@ -1,7 +1,9 @@
 """kvc_format: read and write `.kvc` KV-cache files with numpy alone (no torch, no transformers).
 
-Public surface: `KvcWriter` + `Stream` to write, `KvcReader` to read (`StoredLayer` per layer), `encode_positions` /
-`decode_positions` for the gap-coded kept positions of a pruned cache, `KvcFormatError` and its subclasses.
+Public surface: `load_file` (a whole cache as per-head numpy arrays) and `export_file` (the same as safetensors);
+`KvcReader` to read layer by layer (`StoredLayer` per layer) and `KvcWriter` + `Stream` to write;
+`encode_positions` / `decode_positions` for the gap-coded kept positions of a pruned cache; `apply_rope` for keys
+stored without RoPE; `KvcFormatError` and its subclasses. `python -m kvc_format --help` for the command line.
 """
 
 from .constants import MAJOR_VERSION, MINOR_VERSION
@@ -16,8 +18,10 @@ from .errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
+from .export import export_file, load_file
 from .positions import decode_positions, encode_positions
 from .reader import CacheGeometry, KvcReader, StoredArray, StoredLayer, bfloat16_to_float32
+from .rope import apply_rope
 from .writer import KvcWriter, Stream
 
 __all__ = [
@@ -38,7 +42,10 @@ __all__ = [
     "StoredLayer",
     "TruncatedError",
     "UnsupportedVersionError",
+    "apply_rope",
     "bfloat16_to_float32",
     "decode_positions",
     "encode_positions",
+    "export_file",
+    "load_file",
 ]

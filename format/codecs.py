@@ -86,6 +86,8 @@ def decode(codec: str, payload: memoryview, decoded_length: int, params: dict) -
             frame = zstandard.get_frame_parameters(payload)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd stream is not a zstd frame: {exc}") from None
+        if frame.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+            raise CodecError("zstd frame does not declare its content size")
         if frame.content_size != decoded_length:
             raise CodecError(f"zstd frame declares {frame.content_size} bytes, expected {decoded_length}")
         try:

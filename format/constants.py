@@ -5,7 +5,7 @@ import numpy as np
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVCINDEX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 2
+MINOR_VERSION = 3
 LITTLE_ENDIAN = ord("L")
 
 PREAMBLE_SIZE = 16  # magic(8) major(u16) minor(u16) byte_order(u8) reserved(3)
@@ -19,6 +19,10 @@ MAX_SECTIONS = 65536
 MAX_STREAMS_PER_SECTION = 64
 MAX_NDIM = 8
 MAX_STREAM_BYTES = 16 << 30
+# The streams of a file may declare at most this many decoded bytes per file byte (plus a small allowance), so what
+# a reader allocates is bounded by the size of the file it was given, whatever the file declares.
+MAX_EXPANSION = 1024
+EXPANSION_ALLOWANCE = 1 << 20
 
 # Element types a stream may declare. bfloat16 has no numpy dtype: it is carried as its uint16 bit pattern.
 DTYPES: dict[str, np.dtype] = {

@@ -231,8 +231,9 @@ def decode_layer(arrays: dict[str, np.ndarray], symbols: dict[str, np.ndarray], 
     v_zero, v_step = arrays["value_zero"], arrays["value_step"]
     if not (np.isfinite(v_zero).all() and np.isfinite(v_step).all() and (v_step >= 0).all()):
         raise MetadataError("value steps must be finite and non-negative, value zero points finite")
-    k = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], step), rows_q)
-    v = dequantize_values(ValueCode(symbols["value_symbols"], arrays["value_zero"], arrays["value_step"]))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, not warned about
+        k = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], step), rows_q)
+        v = dequantize_values(ValueCode(symbols["value_symbols"], arrays["value_zero"], arrays["value_step"]))
     keys = np.empty((exact.size, dim), np.float32)
     values = np.empty((exact.size, dim), np.float32)
     keys[exact], values[exact] = _widen(arrays["exact_keys"]), _widen(arrays["exact_values"])

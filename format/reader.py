@@ -2,6 +2,7 @@
 
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -13,6 +14,7 @@ from .constants import (
     ALIGNMENT,
     DTYPES,
     END_MAGIC,
+    EXPANSION_ALLOWANCE,
     FOOTER_SIZE,
     HEADER_PREFIX_SIZE,
     KEY_ROPE,
@@ -20,6 +22,7 @@ from .constants import (
     LITTLE_ENDIAN,
     MAGIC,
     MAJOR_VERSION,
+    MAX_EXPANSION,
     MAX_HEADER_BYTES,
     MAX_INDEX_BYTES,
     MAX_NDIM,
@@ -48,6 +51,7 @@ MAX_KV_HEADS = 1024
 MAX_HEAD_DIM = 8192
 MAX_TOKENS = 1 << 24
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+READ_CHUNK = 1 << 30
 DECODE_BATCH_ELEMENTS = 64 << 20  # decoded elements per layer batch: 256 MB of float32
 
 
@@ -120,6 +124,7 @@ class CacheGeometry:
     layout: str = "dense"
     exact_positions: int = 0  # quantized: positions below this are stored exactly
     key_rope: str = "applied"  # quantized: "removed" when the keys are stored before RoPE
+    rope_inv_freq: tuple[float, ...] | None = None  # key_rope "removed": RoPE frequencies (None in 1.2 files)
 
 
 def _parse_stream(entry, where: str, section_length: int) -> StreamInfo:
@@ -174,7 +179,18 @@ def _parse_section(entry, where: str, file_size: int) -> SectionInfo:
     return SectionInfo(kind, required, offset, length, crc, attrs, streams)
 
 
-def _parse_geometry(header: dict) -> CacheGeometry:
+def _rope_inv_freq(cache: dict, head_dim: int, version: tuple[int, int]) -> tuple[float, ...] | None:
+    if head_dim % 2:
+        raise MetadataError(f"keys stored without RoPE need an even head_dim, not {head_dim}")
+    if "rope_inv_freq" not in cache and version < (1, 3):
+        return None  # 1.2 files did not record the frequencies
+    freqs = _field(cache, "rope_inv_freq", list, "header.cache")
+    if len(freqs) != head_dim // 2 or not all(type(f) is float and 0 < f <= 1 for f in freqs):
+        raise MetadataError(f"header.cache.rope_inv_freq must hold {head_dim // 2} floats in (0, 1]")
+    return tuple(freqs)
+
+
+def _parse_geometry(header: dict, version: tuple[int, int]) -> CacheGeometry:
     cache = _field(header, "cache", dict, "header")
     layout = _field(cache, "layout", str, "header.cache")
     if layout not in LAYER_SECTION:
@@ -191,8 +207,9 @@ def _parse_geometry(header: dict) -> CacheGeometry:
         if key_rope not in KEY_ROPE:
             raise MetadataError(f"header.cache.key_rope {key_rope!r} is not one of {KEY_ROPE}")
         exact = _count(cache, "exact_positions", "header.cache", 0, geometry.tokens)
+        inv_freq = _rope_inv_freq(cache, geometry.head_dim, version) if key_rope == "removed" else None
         geometry = CacheGeometry(geometry.layers, geometry.kv_heads, geometry.tokens, geometry.head_dim, layout,
-                                 exact, key_rope)
+                                 exact, key_rope, inv_freq)
     prompt = _field(header, "prompt", dict, "header")
     prefix_ids = _field(prompt, "prefix_ids", list, "header.prompt")
     if len(prefix_ids) != geometry.tokens:
@@ -215,6 +232,7 @@ class KvcReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        self._lock = threading.Lock()
         try:
             self._open()
         except BaseException:
@@ -222,11 +240,23 @@ class KvcReader:
             raise
 
     def _read_at(self, offset: int, length: int) -> bytearray:
-        self._file.seek(offset)
+        # Positional reads (no shared file offset), so threads may share one reader. Sections are copied into
+        # memory and checked there: a file changed on disk after opening fails its checksum, never decodes half-new.
         buf = bytearray(length)
-        if self._file.readinto(buf) != length:
-            raise TruncatedError(f"file ends before byte {offset + length}")
+        view, done = memoryview(buf), 0
+        while done < length:
+            n = self._read_into(view[done : done + READ_CHUNK], offset + done)
+            if n == 0:
+                raise TruncatedError(f"file ends before byte {offset + length}")
+            done += n
         return buf
+
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):
+            return os.preadv(self._file.fileno(), [view], offset)
+        with self._lock:  # Windows has no positional read
+            self._file.seek(offset)
+            return self._file.readinto(view)
 
     def _open(self) -> None:
         size = os.fstat(self._file.fileno()).st_size
@@ -282,8 +312,12 @@ class KvcReader:
             raise LimitError(f"index lists {len(entries)} sections (max {MAX_SECTIONS})")
         sections = [_parse_section(e, f"index.sections[{i}]", size) for i, e in enumerate(entries)]
         self._check_coverage(sections, header_end, index_offset)
-        self.geometry = _parse_geometry(self.header)
+        self.geometry = _parse_geometry(self.header, self.version)
         self.sections = self._known_sections(sections)
+        decoded = sum(st.decoded_length for s in self.sections for st in s.streams)
+        if decoded > MAX_EXPANSION * size + EXPANSION_ALLOWANCE:
+            raise LimitError(f"the streams declare {decoded} decoded bytes, more than {MAX_EXPANSION} times the "
+                             f"file's {size} bytes")
         self._layers = self._map_layers()
 
     def _check_coverage(self, sections: list[SectionInfo], header_end: int, index_offset: int) -> None:
@@ -394,14 +428,18 @@ class KvcReader:
             **tables,
         }
 
-    def _read_arrays(self, section: SectionInfo) -> tuple[dict[str, np.ndarray], dict[str, memoryview]]:
-        """Check a section's CRC-32 and decode its streams; rans payloads are returned undecoded."""
+    def _read_arrays(self, section: SectionInfo, names: tuple[str, ...] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, memoryview]]:
+        """Check a section's CRC-32 and decode its streams (those in `names`, or all); rans payloads are returned
+        undecoded."""
         data = self._read_at(section.offset, section.length)
         if zlib.crc32(data) != section.crc32:
             raise ChecksumError(f"checksum mismatch in the {section.type} section at byte {section.offset}")
         view = memoryview(data)
         arrays, coded = {}, {}
         for s in section.streams:
+            if names is not None and s.name not in names:
+                continue
             payload = view[s.offset : s.offset + s.length]
             if s.codec == "rans":
                 coded[s.name] = payload
@@ -422,6 +460,15 @@ class KvcReader:
             return decode_positions(arrays["counts"], arrays["positions"], self.geometry.tokens)
         except MetadataError as exc:
             raise MetadataError(f"layer {layer}: {exc}") from None
+
+    def head_counts(self, layer: int) -> list[int]:
+        """Entries each KV head of `layer` keeps, with its positions validated (reads the section, decodes only its
+        positions)."""
+        section = self._layers[layer]
+        if section.type == "kv_layer":
+            return [self.geometry.tokens] * self.geometry.kv_heads
+        arrays, _ = self._read_arrays(section, ("counts", "positions"))
+        return [len(p) for p in self._positions(layer, arrays)]
 
     def read_layer(self, layer: int) -> StoredLayer:
         """Keys, values and (pruned, quantized layouts) the validated per-head kept positions of one layer."""

@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # reflows the docstrings' paragraphs to the terminal width
 )
 
 
@@ -351,6 +352,49 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
     if not values:
         raise KvcError(f"{option} is empty")
     return values
+
+
+class ExportDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+@app.command()
+@cli_errors
+def export(
+    file: Annotated[Path, typer.Argument(help="The .kvc file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The safetensors file to write.")],
+    dtype: Annotated[ExportDtype, typer.Option(help="Element type of the exported keys and values.")] = (
+        ExportDtype.float32
+    ),
+    json_output: JsonOption = False,
+):
+    """Write a .kvc cache as a safetensors file, for runtimes that do not read .kvc (no model needed).
+
+    For every layer L and KV head H it holds `layers.L.heads.H.keys` and `.values` (kept entries x head_dim,
+    dequantized, keys with RoPE applied as the model cached them) and `.positions` (int32, the token position of
+    each row); its metadata carries the .kvc header as JSON (`kvc.header`: model fingerprint, prompt token ids).
+    Every checksum is verified on the way; the file appears only once complete.
+    """
+    from kvc_format import export_file
+
+    from .paths import check_output
+    from .progress import progress_bars
+
+    check_output(output)
+    with _open(file) as reader:
+        layers = reader.geometry.layers
+    started = time.perf_counter()
+    with progress_bars(not json_output) as task:
+        advance = task("export", layers)
+        written = export_file(file, output, dtype.value, on_layer=lambda layer: advance(1))
+    seconds = time.perf_counter() - started
+    if json_output:
+        _emit_json({"file": str(file), "output": str(output), "bytes": written, "dtype": dtype.value,
+                    "seconds": round(seconds, 3)})
+    else:
+        typer.echo(f"{output}: {_mb(written)} of {dtype.value} K/V and positions for {layers} layers "
+                   f"({seconds:.1f} s)")
 
 
 @app.command()

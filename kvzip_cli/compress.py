@@ -19,11 +19,12 @@ from .document import PromptLayout, layout_prompt, read_document
 from .errors import KvcError
 from .fingerprint import fingerprint
 from .models import EMBEDDED, LoadedModel, load_model
+from .paths import check_output
 from .prefill import prefill
 from .presets import DEFAULT_PRESET, get_preset
 from .progress import TaskFactory, progress_bars, silent_task
 from .pruning import Pruning, score_context
-from .rope import head_dim, rope_tables, unrotate
+from .rope import head_dim, inverse_frequencies, rope_tables, unrotate
 from .scorers import DEFAULT_SCORER, check_scorer
 from .tensors import storage_tensor, to_stream
 
@@ -146,13 +147,6 @@ def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK
     return Prefilled(lm, text, layout, cache, identity, time.perf_counter() - started, chunk_size)
 
 
-def check_output(output: Path) -> None:
-    if output.is_dir():
-        raise KvcError(f"output {output} is a directory")
-    if not output.parent.is_dir():
-        raise KvcError(f"output folder {output.parent} does not exist")
-
-
 def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None) -> dict:
     cache, identity, layout = pre.cache, pre.identity, pre.layout
     layers, heads = len(cache.layers), identity["num_kv_heads"]
@@ -173,6 +167,8 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else layers * heads * pre.tokens
     if quant:
         geometry.update(exact_positions=quant["exact_positions"], key_rope=quant["key_rope"])
+        if quant["rope_inv_freq"] is not None:
+            geometry["rope_inv_freq"] = quant["rope_inv_freq"]
         settings.update({k: quant[k] for k in ("value_group", "value_step", "key_bits", "key_step")})
     return {
         "kvc": {"writer": f"kvc {__version__}"},
@@ -217,9 +213,11 @@ def _value_group(options: QuantOptions, head_dim: int) -> int:
 
 def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
     """(Quantization, RoPE tables or None, header fields) for a quantized write."""
-    tables = None
+    tables, inv_freq = None, None
     if options.pre_rope is not False:
         tables = rope_tables(pre.lm.model, torch.arange(pre.tokens))
+        inv_freq = inverse_frequencies(pre.lm.model, *tables) if tables is not None else None
+        tables = tables if inv_freq is not None else None
         if tables is None and options.pre_rope:
             raise KvcError(f"--pre-rope: model {pre.lm.name!r} has no full-width rotary embedding kvc can undo; "
                            "use --no-pre-rope")
@@ -230,6 +228,7 @@ def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
                          key_step=key_step(key_bits), exact_positions=SINK_TOKENS,
                          coder="rans" if codec == "ans" else codec)
     fields = {"exact_positions": SINK_TOKENS, "key_rope": "removed" if tables is not None else "applied",
+              "rope_inv_freq": inv_freq,
               "value_group": group, "value_step": quant.value_step, "key_bits": key_bits, "key_step": quant.key_step}
     return quant, tables, fields
 

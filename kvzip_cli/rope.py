@@ -44,3 +44,18 @@ def rope_tables(model: PreTrainedModel, positions: torch.Tensor) -> tuple[torch.
     # inverses (the factor stays in the keys as computed).
     norm = (cos**2 + sin**2).sqrt()
     return cos / norm, sin / norm
+
+
+def inverse_frequencies(model: PreTrainedModel, cos: torch.Tensor, sin: torch.Tensor) -> list[float] | None:
+    """The rotary frequencies f (head_dim / 2) such that the normalised tables over positions 0 … n − 1 are
+    cos/sin of concat(p·f, p·f) in float32 (recorded in the file so that readers without the model can re-apply
+    RoPE), or None when the model's rotary embedding is not of that form."""
+    inv_freq = getattr(model.model.rotary_emb, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor) or 2 * inv_freq.numel() != cos.shape[-1]:
+        return None
+    freqs = inv_freq.detach().float().cpu()
+    angles = torch.arange(cos.shape[0], dtype=torch.float32)[:, None] * freqs[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    if not (torch.allclose(angles.cos(), cos.cpu(), atol=1e-4) and torch.allclose(angles.sin(), sin.cpu(), atol=1e-4)):
+        return None
+    return freqs.tolist()

@@ -268,3 +268,15 @@ def read_file(path) -> SpecFile:
     if layout != "dense":
         _check(sum(len(layer.keys) for layer in layers) == cache["kept"], "cache.kept != sum of sections' kept")
     return SpecFile((major, minor), header, sections, layers)
+
+
+def keys_with_rope(layer: SpecLayer, cache: dict) -> np.ndarray:
+    """The keys of a quantized layer stored with `key_rope = "removed"`, RoPE re-applied from
+    `cache.rope_inv_freq` (§4.3, "RoPE without the model")."""
+    _check(cache.get("key_rope") == "removed" and "rope_inv_freq" in cache, "keys are not stored without RoPE")
+    f = np.array(cache["rope_inv_freq"], dtype=np.float32)
+    p = np.concatenate(layer.positions).astype(np.float32)
+    theta = p[:, None] * f[None, :]
+    half = len(f)
+    x1, x2 = layer.keys[:, :half], layer.keys[:, half:]
+    return np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)], axis=1)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc_format import (
+    MINOR_VERSION,
     BadMagicError,
     ChecksumError,
     CodecError,
@@ -182,7 +183,7 @@ def test_pruned_round_trip_is_exact(tmp_path, codec, dtype, np_dtype):
     header = write_pruned(path, layers, tokens, dtype, codec)
     with KvcReader(path) as r:
         r.verify()
-        assert r.header == header and r.version == (1, 2) and r.geometry.layout == "pruned"
+        assert r.header == header and r.version == (1, MINOR_VERSION) and r.geometry.layout == "pruned"
         assert r.kept_per_layer() == [len(k) for _, k, _ in layers]
         for i, (per_head, k, v) in enumerate(layers):
             assert {s.name: s.codec for s in r.sections[i].streams} == {
@@ -259,7 +260,7 @@ def test_big_endian_flag(tmp_path):
 def test_unknown_required_section_names_versions(tmp_path):
     extra = ({"type": "future_thing", "required": True, "streams": []}, b"")
     data = assemble(header_dict(), [raw_layer(0), raw_layer(1), extra], minor=7)
-    with pytest.raises(UnsupportedVersionError, match=r"format 1\.7.*future_thing.*format 1\.2"):
+    with pytest.raises(UnsupportedVersionError, match=rf"format 1\.7.*future_thing.*format 1\.{MINOR_VERSION}"):
         KvcReader(write(tmp_path, data))
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc_format import CodecError, KvcReader, KvcWriter, MetadataError, codecs, rans
-from kvc_format.constants import DTYPES
+from kvc_format.constants import DTYPES, MINOR_VERSION
 from kvc_format.quant import (
     dequantize_keys,
     dequantize_values,
@@ -90,7 +90,7 @@ def test_file_round_trip_reproduces_the_quantizer(tmp_path, coder, mode, bits):
     layers = random_layers(bits)
     write_quantized(tmp_path / "q.kvc", layers, q)
     with KvcReader(tmp_path / "q.kvc") as r:
-        assert r.version == (1, 2) and r.geometry.layout == "quantized"
+        assert r.version == (1, MINOR_VERSION) and r.geometry.layout == "quantized"
         r.verify()
         for (k, v, positions), stored in zip(layers, r.read_layers(), strict=True):
             assert [list(p) for p in stored.positions] == [list(p) for p in positions]

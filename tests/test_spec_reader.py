@@ -8,14 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvc_format import KvcReader
+from kvc_format import KvcReader, load_file
 
-from spec_reader import SpecError, read_file
+from spec_reader import SpecError, SpecLayer, keys_with_rope, read_file
 
 GOLDEN = Path(__file__).parent.parent / "format" / "golden"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 NAMES = sorted(p.name for p in GOLDEN.glob("*.kvc"))
-NARROW = {"float32": "<f4", "float16": "<f2"}  # float32 -> stored dtype, exact for values that came from it
+def narrow(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 → the stored dtype's bytes (exact for values that came from it); bfloat16 as its uint16 patterns."""
+    if dtype == "bfloat16":
+        return (array.view(np.uint32) >> 16).astype("<u2")
+    return array.astype({"float32": "<f4", "float16": "<f2"}[dtype])
 
 
 def widen(stored) -> np.ndarray:
@@ -64,8 +68,8 @@ def test_spec_reader_matches_expected_digests(name):
     for mine, section, want in zip(ours.layers, ours.sections, expected["layers"], strict=True):
         dtypes = {s["name"]: s["dtype"] for s in section["streams"]}
         # the reference hashes dequantized float32 for quantized layers, the stored dtype's bytes otherwise
-        keys = mine.keys if quantized else mine.keys.astype(NARROW[dtypes["keys"]])
-        values = mine.values if quantized else mine.values.astype(NARROW[dtypes["values"]])
+        keys = mine.keys if quantized else narrow(mine.keys, dtypes["keys"])
+        values = mine.values if quantized else narrow(mine.values, dtypes["values"])
         assert sha(keys) == want["keys"]
         assert sha(values) == want["values"]
         if mine.positions is not None:
@@ -79,3 +83,23 @@ def test_spec_reader_refuses_a_corrupt_section(tmp_path):
     (tmp_path / "bad.kvc").write_bytes(bytes(data))
     with pytest.raises(SpecError, match="section CRC-32"):
         read_file(tmp_path / "bad.kvc")
+
+
+def test_spec_reader_restores_rope_like_the_reference():
+    """Keys stored without RoPE, re-rotated from the recorded frequencies, as SPEC.md §4.3 defines it."""
+    name = "quantized-rope-channel.kvc"
+    ours = read_file(GOLDEN / name)
+    exported = load_file(GOLDEN / name)
+    for layer, mine in enumerate(ours.layers):
+        keys = keys_with_rope(mine, ours.header["cache"])
+        rows = np.cumsum([0] + [len(p) for p in mine.positions])
+        for head in range(len(mine.positions)):
+            reference = exported[f"layers.{layer}.heads.{head}.keys"]
+            np.testing.assert_allclose(keys[rows[head] : rows[head + 1]], reference, rtol=1e-6, atol=1e-6)
+            assert not np.allclose(reference, mine.keys[rows[head] : rows[head + 1]])  # RoPE did change them
+
+
+def test_spec_worked_rope_example():
+    layer = SpecLayer(np.array([[1.0, 0.0]], np.float32), None, [np.array([2])])
+    key = keys_with_rope(layer, {"key_rope": "removed", "rope_inv_freq": [1.0]})
+    np.testing.assert_allclose(key, [[-0.41615, 0.90930]], atol=1e-5)

@@ -1,10 +1,13 @@
-"""Write the golden files of this format version (run once per version; never regenerate an older version's files).
+"""Write the golden files of this format version (files that exist already are never rewritten).
 
     python format/golden/generate.py
 
 Each file stores the same small synthetic cache (2 layers, 2 KV heads, 500 tokens, head_dim 16) with one codec;
 `expected.json` records the SHA-256 of every decoded array, so tests/test_golden.py fails if a reader change stops
-decoding them exactly as this version did.
+decoding them exactly as this version did. Files of format 1.2: dense raw/zstd, pruned zstd, quantized rans, zstd
+and raw-minmax. Of 1.3: dense bfloat16, and a quantized file exercising what the reference writer does not emit
+(keys stored without RoPE with their frequencies, bfloat16 exact rows, per-channel rANS tables on lanes of 100 rows,
+layer tables on lanes of the maximum 4096 rows, 4 value groups).
 """
 
 import hashlib
@@ -13,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvc_format import KvcReader, KvcWriter, Stream, encode_positions
+from kvc_format import KvcReader, KvcWriter, Stream, encode_positions, rans
 from kvc_format.constants import MAJOR_VERSION, MINOR_VERSION
-from kvc_format.quantized import Quantization, encode_layer
+from kvc_format.quantized import Quantization, encode_layer, lane_layout, n_tables, to_lanes
 
 HERE = Path(__file__).parent
 LAYERS, HEADS, TOKENS, DIM = 2, 2, 500, 16
@@ -49,15 +52,81 @@ def stream(name: str, dtype: str, array: np.ndarray, codec: str | None = None) -
     return Stream(name, dtype, data.shape, data.tobytes(), codec=codec)
 
 
+def writer(name: str, head: dict) -> KvcWriter | None:
+    """A writer for a golden file not written yet, or None."""
+    path = HERE / name
+    return None if path.exists() else KvcWriter(path, head)
+
+
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+
+
+def recode(streams: list, name: str, rows_q: np.ndarray, alphabet: int, lane_rows: int, tables: str) -> list:
+    """Re-encode one symbol stream with rANS on the given lanes and table granularity (and its table stream)."""
+    by_name = {s.name: s for s in streams}
+    symbols = np.frombuffer(by_name[name].data, np.uint8).reshape(by_name[name].shape)
+    dim = symbols.shape[1]
+    flat = to_lanes(symbols, rows_q)
+    lengths, table_ids = lane_layout(rows_q, dim, lane_rows, tables)
+    freq = rans.quantize_frequencies(rans.histograms(flat, lengths, table_ids, n_tables(tables, len(rows_q), dim),
+                                                     alphabet))
+    payload = rans.encode(flat, lengths, table_ids, freq)
+    table_name = name.replace("symbols", "tables")
+    by_name[name] = Stream(name, "uint8", symbols.shape, by_name[name].data, codec="rans",
+                           encoded=(payload, {"lane_rows": lane_rows, "tables": tables}))
+    by_name[table_name] = stream(table_name, "uint16", freq.astype("<u2"))
+    return [by_name[s.name] for s in streams]
+
+
+def with_exact_bfloat16(streams: list, keys: np.ndarray, values: np.ndarray, exact: np.ndarray) -> list:
+    swap = {"exact_keys": keys[exact], "exact_values": values[exact]}
+    return [stream(s.name, "bfloat16", bfloat16_bits(swap[s.name])) if s.name in swap else s for s in streams]
+
+
+INV_FREQ = [float(np.float32(10000.0 ** (-2 * i / DIM))) for i in range(DIM // 2)]
+
+
+def write_1_3(keys, values, positions, kept) -> None:
+    w = writer("dense-bfloat16-zstd.kvc", header("dense"))
+    if w is not None:
+        with w:
+            for i in range(LAYERS):
+                w.add_section("kv_layer", {"layer": i}, [stream("keys", "bfloat16", bfloat16_bits(keys[i])),
+                                                         stream("values", "bfloat16", bfloat16_bits(values[i]))],
+                              codec="zstd")
+    w = writer("quantized-rope-channel.kvc",
+               header("quantized", kept, exact_positions=4, key_rope="removed", rope_inv_freq=INV_FREQ))
+    if w is None:
+        return
+    q = Quantization(coder="raw", value_group=4, exact_positions=4)
+    with w:
+        for i in range(LAYERS):
+            k = np.concatenate([keys[i][h, p] for h, p in enumerate(positions[i])])
+            v = np.concatenate([values[i][h, p] for h, p in enumerate(positions[i])])
+            encoded = encode_layer(k, v, positions[i], q)
+            exact = np.concatenate([p < 4 for p in positions[i]])
+            rows_q = np.array([int((p >= 4).sum()) for p in positions[i]], np.int64)
+            streams = recode(encoded.streams, "key_symbols", rows_q, 256, 100, "channel")
+            streams = recode(streams, "value_symbols", rows_q, 256, 4096, "layer")
+            streams = with_exact_bfloat16(streams, k, v, exact)
+            w.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, streams, codec="zstd")
+
+
 def write_all() -> None:
     keys, values, positions = cache()
+    kept = sum(len(p) for per_head in positions for p in per_head)
+    write_1_3(keys, values, positions, kept)
+    if (HERE / "dense-raw.kvc").exists():  # the 1.2 files
+        return
     for codec in ("raw", "zstd"):
         with KvcWriter(HERE / f"dense-{codec}.kvc", header("dense")) as w:
             for i in range(LAYERS):
                 w.add_section("kv_layer", {"layer": i}, [stream("keys", "float16", keys[i].astype("<f2")),
                                                          stream("values", "float16", values[i].astype("<f2"))],
                               codec=codec)
-    kept = sum(len(p) for per_head in positions for p in per_head)
     with KvcWriter(HERE / "pruned-zstd.kvc", header("pruned", kept)) as w:
         for i in range(LAYERS):
             counts, gaps = encode_positions(positions[i])

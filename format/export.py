@@ -1,0 +1,135 @@
+"""Per-head numpy arrays of a `.kvc` cache, in memory (`load_file`) or as a safetensors file (`export_file`), for
+runtimes that do not read `.kvc`.
+
+For every layer `l` and KV head `h`:
+    layers.{l}.heads.{h}.keys       (n, head_dim)  the keys as the model cached them (RoPE applied), dequantized
+    layers.{l}.heads.{h}.values     (n, head_dim)  the values, dequantized
+    layers.{l}.heads.{h}.positions  (n,) int32     the token position of each row, ascending
+where n is the number of entries the head kept (every token for a dense cache). Keys and values are float32 unless
+asked otherwise. The safetensors metadata (strings) holds `kvc.format` (the file's format version), `kvc.layout`,
+`layers`, `kv_heads`, `head_dim`, `tokens`, and `kvc.header`: the whole `.kvc` header as JSON (model fingerprint,
+prompt token ids, settings).
+"""
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from .atomic import AtomicFile
+from .errors import MetadataError, UnsupportedVersionError
+from .reader import KvcReader, StoredArray, StoredLayer, bfloat16_to_float32
+from .rope import apply_rope
+
+# export dtype → (safetensors dtype code, numpy dtype)
+EXPORT_DTYPES = {"float32": ("F32", np.dtype("<f4")), "float16": ("F16", np.dtype("<f2"))}
+NAMES = ("keys", "values", "positions")
+
+
+def _float32(stored: StoredArray) -> np.ndarray:
+    if stored.dtype == "bfloat16":
+        return bfloat16_to_float32(stored.data)
+    return stored.data.astype(np.float32, copy=False)
+
+
+def _check_keys_recoverable(reader: KvcReader) -> None:
+    g = reader.geometry
+    if g.key_rope == "removed" and g.rope_inv_freq is None:
+        major, minor = reader.version
+        raise UnsupportedVersionError(
+            f"this file (format {major}.{minor}) stores its keys without RoPE but not the RoPE frequencies needed "
+            "to restore them without the model: load it with kvc, or compress the document again with kvc >= 0.4"
+        )
+
+
+def _heads(reader: KvcReader, stored: StoredLayer) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    g = reader.geometry
+    keys, values = _float32(stored.keys), _float32(stored.values)
+    if stored.positions is None:
+        positions = np.arange(g.tokens, dtype=np.int32)
+        return [(keys[h], values[h], positions) for h in range(g.kv_heads)]
+    if g.key_rope == "removed":
+        with np.errstate(over="ignore", invalid="ignore"):
+            keys = apply_rope(keys, np.concatenate(stored.positions), g.rope_inv_freq)
+        if not np.isfinite(keys).all():
+            raise MetadataError("keys overflow float32 when RoPE is applied")
+    ends = np.cumsum([len(p) for p in stored.positions])
+    starts = ends - [len(p) for p in stored.positions]
+    return [(keys[a:b], values[a:b], p.astype(np.int32)) for a, b, p in zip(starts, ends, stored.positions,
+                                                                           strict=True)]
+
+
+def iter_heads(reader: KvcReader) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(layer, head, keys, values, positions) for every layer and KV head in order, a batch of layers at a time;
+    keys and values float32 (n, head_dim) with RoPE applied, positions int32 (n,)."""
+    _check_keys_recoverable(reader)
+    for batch in reader.layer_batches():
+        for layer, stored in zip(batch, reader.read_layers(batch), strict=True):
+            for head, (keys, values, positions) in enumerate(_heads(reader, stored)):
+                yield layer, head, keys, values, positions
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Decode a whole `.kvc` file into the named per-head arrays above (float32 keys and values)."""
+    with KvcReader(path) as reader:
+        out = {}
+        for layer, head, keys, values, positions in iter_heads(reader):
+            prefix = f"layers.{layer}.heads.{head}."
+            out.update({prefix + "keys": keys, prefix + "values": values, prefix + "positions": positions})
+        return out
+
+
+def metadata(reader: KvcReader) -> dict[str, str]:
+    g = reader.geometry
+    return {"kvc.format": "{}.{}".format(*reader.version), "kvc.layout": g.layout, "layers": str(g.layers),
+            "kv_heads": str(g.kv_heads), "head_dim": str(g.head_dim), "tokens": str(g.tokens),
+            "kvc.header": json.dumps(reader.header, ensure_ascii=False)}
+
+
+def _safetensors_header(reader: KvcReader, dtype: str) -> bytes:
+    """The safetensors JSON header, from the per-head counts alone (before anything is dequantized)."""
+    code, np_dtype = EXPORT_DTYPES[dtype]
+    dim, entries, offset = reader.geometry.head_dim, {"__metadata__": metadata(reader)}, 0
+    for layer in range(reader.geometry.layers):
+        for head, n in enumerate(reader.head_counts(layer)):
+            prefix = f"layers.{layer}.heads.{head}."
+            for name, kind, shape, size in (("keys", code, [n, dim], n * dim * np_dtype.itemsize),
+                                            ("values", code, [n, dim], n * dim * np_dtype.itemsize),
+                                            ("positions", "I32", [n], 4 * n)):
+                entries[prefix + name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + size]}
+                offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8)  # safetensors pads its header with spaces to a multiple of 8
+
+
+def export_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
+                on_layer: Callable[[int], None] | None = None) -> int:
+    """Write `src` (.kvc) as a safetensors file at `dst`, atomically and a batch of layers at a time. Every
+    section's checksum is verified on the way. `on_layer(layer)` is called as each layer is written. Returns the
+    bytes written."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, not {dtype!r}")
+    np_dtype = EXPORT_DTYPES[dtype][1]
+    with KvcReader(src) as reader:
+        _check_keys_recoverable(reader)
+        header = _safetensors_header(reader, dtype)
+        out = AtomicFile(dst)
+        try:
+            out.file.write(struct.pack("<Q", len(header)) + header)
+            written, last = 8 + len(header), None
+            for layer, _, keys, values, positions in iter_heads(reader):
+                if on_layer is not None and last is not None and layer != last:
+                    on_layer(last)
+                last = layer
+                for array in (keys.astype(np_dtype), values.astype(np_dtype), positions.astype("<i4")):
+                    out.file.write(np.ascontiguousarray(array).data)
+                    written += array.nbytes
+            out.commit()
+        except BaseException:
+            out.discard()
+            raise
+        if on_layer is not None and last is not None:
+            on_layer(last)
+        return written

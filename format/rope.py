@@ -1,0 +1,18 @@
+"""Re-apply rotary position embedding to keys stored without it (SPEC.md §4.3, `key_rope = "removed"`)."""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def apply_rope(keys: np.ndarray, positions: np.ndarray, inv_freq: Sequence[float]) -> np.ndarray:
+    """keys (rows, head_dim) float32 stored without RoPE, positions (rows,) → the keys the model cached, float32.
+
+    Angles are float32(position) × float32(frequency) in float32, as the writer's model computed them; RoPE acts
+    on the halves of the head (the rotate-half convention)."""
+    freqs = np.asarray(inv_freq, dtype=np.float32)
+    angles = np.asarray(positions).astype(np.float32)[:, None] * freqs[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    half = freqs.size
+    first, second = keys[:, :half], keys[:, half:]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=1).astype(np.float32)
