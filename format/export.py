@@ -65,10 +65,9 @@ def iter_heads(reader: KvcReader) -> Iterator[tuple[int, int, np.ndarray, np.nda
     """(layer, head, keys, values, positions) for every layer and KV head in order, a batch of layers at a time;
     keys and values float32 (n, head_dim) with RoPE applied, positions int32 (n,)."""
     _check_keys_recoverable(reader)
-    for batch in reader.layer_batches():
-        for layer, stored in zip(batch, reader.read_layers(batch), strict=True):
-            for head, (keys, values, positions) in enumerate(_heads(reader, stored)):
-                yield layer, head, keys, values, positions
+    for layer, stored in reader.iter_layers():
+        for head, (keys, values, positions) in enumerate(_heads(reader, stored)):
+            yield layer, head, keys, values, positions
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:

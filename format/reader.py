@@ -4,6 +4,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -523,8 +524,8 @@ class KvcReader:
         for start, end in self._gaps:
             if any(self._read_at(start, end - start)):
                 raise LayoutError(f"padding bytes {start}..{end} are not zero")
-        for batch in self.layer_batches():
-            self.read_layers(batch)
+        for _ in self.iter_layers():
+            pass
 
     def layer_batches(self) -> list[list[int]]:
         """Layers to pass to `read_layers` together: a quantized file's rANS streams decode far faster many layers at
@@ -532,15 +533,21 @@ class KvcReader:
         layouts gain nothing from it and go layer by layer."""
         if self.geometry.layout != "quantized":
             return [[layer] for layer in range(self.geometry.layers)]
+        sizes = [2 * kept * self.geometry.head_dim for kept in self._kept]
         batches, size = [[]], 0
-        for layer, kept in enumerate(self._kept):
-            elements = 2 * kept * self.geometry.head_dim
+        for layer, elements in enumerate(sizes):
             if batches[-1] and size + elements > DECODE_BATCH_ELEMENTS:
                 batches.append([])
                 size = 0
             batches[-1].append(layer)
             size += elements
         return batches
+
+    def iter_layers(self) -> Iterator[tuple[int, StoredLayer]]:
+        """(layer, StoredLayer) for every layer in order, decoded a batch at a time (`layer_batches`), so a caller
+        can use each layer while later ones are still on disk."""
+        for batch in self.layer_batches():
+            yield from zip(batch, self.read_layers(batch), strict=True)
 
     def section_sizes(self) -> list[int]:
         return [s.length for s in self._layers]

@@ -407,8 +407,9 @@ def bench(
     ),
     bits: Annotated[str, typer.Option(help="Bit widths for kvc settings, comma-separated: 16, 32 (floats), 8, 4, "
                                       "3, 2 (quantized; measured with the entropy coder and with zstd).")] = "16",
-    presets: Annotated[str, typer.Option(help="Presets to measure, comma-separated (lossless, balanced, small); "
-                                         "empty for none.")] = "lossless,balanced,small",
+    presets: Annotated[str | None, typer.Option(help="Presets to measure, comma-separated (lossless, balanced, "
+                                                "small); empty for none. (default: all three; with --lengths: "
+                                                "balanced)")] = None,
     scorers: Annotated[str, typer.Option(help="kvc scorers to sweep at each ratio, comma-separated: kvzip, "
                                          "compactor, knorm, streaming, random; empty for none.")] = "kvzip",
     allocations: Annotated[str, typer.Option(help="Budget allocations to sweep for each scorer, comma-separated "
@@ -417,7 +418,11 @@ def bench(
                                         "SnapKV, Knorm) at the same kept ratios.")] = False,
     probes: Annotated[Path | None, typer.Option(help="File of extra probe questions, one per line.")] = None,
     new_tokens: Annotated[int, typer.Option(min=1, max=256, help="Length N of the reference answers.")] = 32,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG of kld and top1 against compression.")] = None,
+    lengths: Annotated[str | None, typer.Option(help="Instead of fidelity: time to first token from a .kvc vs "
+                                                "re-prefilling, at these document lengths in tokens (e.g. "
+                                                "1k,2k,4k,8k; lengths past the model's context are skipped).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of kld and top1 against compression (with "
+                                              "--lengths: of time to first token against length).")] = None,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = "auto",
     json_output: JsonOption = False,
@@ -438,6 +443,14 @@ def bench(
     from .models import load_model
     from .progress import progress_bars
 
+    if plot is not None:
+        require_matplotlib()
+        if not plot.parent.is_dir():
+            raise KvcError(f"plot folder {plot.parent} does not exist")
+    if lengths is not None:
+        _bench_lengths(document, model, lengths, presets or "balanced", plot, device, dtype, json_output)
+        return
+    presets = "lossless,balanced,small" if presets is None else presets
     sweep = build_sweep(
         ratios=_numbers(ratios, float, "--ratios"),
         bits=_numbers(bits, int, "--bits"),
@@ -448,10 +461,6 @@ def bench(
     )
     if peers:
         require_kvpress()
-    if plot is not None:
-        require_matplotlib()
-        if not plot.parent.is_dir():
-            raise KvcError(f"plot folder {plot.parent} does not exist")
     text = read_document(str(document))
     user_probes = read_probes(probes) if probes else []
     lm = load_model(model, device=device, dtype=dtype)
@@ -463,6 +472,35 @@ def bench(
         _emit_json(result)
     else:
         print_table(result)
+        if plot is not None:
+            typer.echo(f"plot written to {plot}")
+
+
+def _bench_lengths(document: Path, model: str, lengths: str, preset: str, plot: Path | None, device: str,
+                   dtype: str, json_output: bool) -> None:
+    from .bench.lengths import as_json, check_lengths, parse_lengths, run_lengths
+    from .bench.lengths_report import plot_lengths, print_lengths
+    from .document import read_document
+    from .models import load_model
+    from .presets import get_preset
+    from .progress import progress_bars
+
+    counts = parse_lengths(lengths)
+    if "," in preset:
+        raise KvcError("--lengths measures one preset: pass a single --presets value")
+    get_preset(preset)
+    text = read_document(str(document))
+    lm = load_model(model, device=device, dtype=dtype)
+    check_lengths(lm, counts)
+    with progress_bars(True) as task:
+        rows, notes = run_lengths(text, lm, counts, preset, task=task)
+    result = as_json(rows, notes, lm, preset, str(document))
+    if plot is not None:
+        plot_lengths(result, plot)
+    if json_output:
+        _emit_json(result)
+    else:
+        print_lengths(result)
         if plot is not None:
             typer.echo(f"plot written to {plot}")
 

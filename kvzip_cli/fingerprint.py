@@ -27,6 +27,7 @@ IDENTITY_KEYS = (
 )
 
 _cache: "weakref.WeakKeyDictionary[PreTrainedModel, dict]" = weakref.WeakKeyDictionary()
+_tokenizer_cache: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple]" = weakref.WeakKeyDictionary()
 
 
 def geometry(model: PreTrainedModel) -> dict:
@@ -72,11 +73,20 @@ def weight_digest(model: PreTrainedModel) -> str:
     return h.hexdigest()
 
 
+def _cached_tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    # Recomputed when the vocabulary size or the chat template changes (tokens added, template set).
+    key = (len(tokenizer), tokenizer.chat_template)
+    cached = _tokenizer_cache.get(tokenizer)
+    if cached is None or cached[0] != key:
+        cached = _tokenizer_cache[tokenizer] = (key, tokenizer_digest(tokenizer))
+    return cached[1]
+
+
 def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """Identity of (model, tokenizer); computed once per model object."""
+    """Identity of (model, tokenizer); computed once per model object and tokenizer object."""
     if model not in _cache:
         _cache[model] = {**geometry(model), "weight_digest": weight_digest(model)}
-    return {**_cache[model], "tokenizer_digest": tokenizer_digest(tokenizer)}
+    return {**_cache[model], "tokenizer_digest": _cached_tokenizer_digest(tokenizer)}
 
 
 def differences(recorded: dict, actual: dict) -> list[str]:

@@ -92,22 +92,21 @@ def load(
         keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
         rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
         rope = _rope(model, geometry.tokens) if rope_removed else None
-        for batch in reader.layer_batches():
-            for layer, stored in zip(batch, reader.read_layers(batch), strict=True):
-                k = from_stored(stored.keys, model.device, model.dtype if rope is None else torch.float32)
-                v = from_stored(stored.values, model.device, model.dtype)
-                if rope is not None:
-                    k = _rotate_rows(k, stored.positions, *rope).to(model.dtype)
-                if stored.positions is None:
-                    dense.update(k.unsqueeze(0), v.unsqueeze(0), layer)
-                elif keeps_all:
-                    shape = (1, geometry.kv_heads, geometry.tokens, geometry.head_dim)
-                    dense.update(k.reshape(shape), v.reshape(shape), layer)
-                else:
-                    counts = [len(p) for p in stored.positions]
-                    pruned.append(PrunedLayer(list(k.unsqueeze(0).split(counts, dim=1)),
-                                              list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens))
-                advance(1)
+        for layer, stored in reader.iter_layers():
+            k = from_stored(stored.keys, model.device, model.dtype if rope is None else torch.float32)
+            v = from_stored(stored.values, model.device, model.dtype)
+            if rope is not None:
+                k = _rotate_rows(k, stored.positions, *rope).to(model.dtype)
+            if stored.positions is None:
+                dense.update(k.unsqueeze(0), v.unsqueeze(0), layer)
+            elif keeps_all:
+                shape = (1, geometry.kv_heads, geometry.tokens, geometry.head_dim)
+                dense.update(k.reshape(shape), v.reshape(shape), layer)
+            else:
+                counts = [len(p) for p in stored.positions]
+                pruned.append(PrunedLayer(list(k.unsqueeze(0).split(counts, dim=1)),
+                                          list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens))
+            advance(1)
         cache = PrunedCache(pruned) if pruned else dense
         if pruned:
             use_kvc_attention(model)

@@ -274,3 +274,38 @@ def test_peer_answers_match_kvpress_own_pipeline(clustered_folder):
                                        cache=DynamicCache())
             clear_masks(lm)
         assert ours == theirs, name
+
+
+def test_bench_lengths_on_tiny_model(tmp_path, tiny_folder, short_doc):
+    """--lengths: one row per length with both clocks, the first tokens of both paths, a plot; lengths past the
+    model's context are skipped with a note, a short document is repeated with a note."""
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "ttft.png"
+    result = bench(short_doc, "--model", tiny_folder, "--lengths", "64,200,100000", "--plot", plot, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["preset"] == "balanced" and len(data["rows"]) == 2
+    for row in data["rows"]:
+        assert row["prefill_ttft"] > 0 and row["kvc_ttft"] == pytest.approx(row["load_seconds"]
+                                                                            + row["question_seconds"], rel=0.5)
+        assert row["speedup"] == pytest.approx(row["prefill_ttft"] / row["kvc_ttft"])
+        assert row["file_bytes"] > 0 and row["load_fp16_mb_per_s"] > 0
+    assert data["rows"][0]["tokens"] < data["rows"][1]["tokens"]
+    assert any("100000 tokens skipped" in n for n in data["notes"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_lengths_first_token_matches_prefill(tiny_folder, short_doc):
+    """With every entry kept in float32 the .kvc path is exact: both paths pick the same first token."""
+    result = bench(short_doc, "--model", tiny_folder, "--lengths", "120", "--presets", "lossless", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["same_first_token"] is True
+
+
+@pytest.mark.parametrize(("lengths", "fragment"), [("abc", "not a token count"), ("4", "too short"),
+                                                   ("100000", "no length fits")])
+def test_bench_lengths_bad_options(tiny_folder, short_doc, lengths, fragment):
+    result = bench(short_doc, "--model", tiny_folder, "--lengths", lengths)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]

@@ -201,3 +201,17 @@ def test_exactness_check_detects_a_wrong_cache(tmp_path, tiny):
     _, ref_logits = uncached(tiny, ids, 4)
     _, got_logits = cached(tiny, kv, ids, 4)
     assert (got_logits - ref_logits).abs().max() > 1e-2
+
+
+def test_tokenizer_digest_is_reused_until_the_tokenizer_changes():
+    from kvzip_cli.fingerprint import _cached_tokenizer_digest, tokenizer_digest
+
+    from conftest import _train_tokenizer
+
+    tokenizer = _train_tokenizer()
+    first = _cached_tokenizer_digest(tokenizer)
+    assert first == tokenizer_digest(tokenizer) == _cached_tokenizer_digest(tokenizer)
+    tokenizer.add_tokens(["<kvc-new-token>"])
+    assert _cached_tokenizer_digest(tokenizer) == tokenizer_digest(tokenizer) != first
+    tokenizer.chat_template = "{{ messages }}"
+    assert _cached_tokenizer_digest(tokenizer) == tokenizer_digest(tokenizer)

@@ -16,10 +16,14 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def wide_console() -> Console:
+    """The terminal, or a console wide enough that tables written to a pipe or file are not squeezed."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=200)
+
+
 def print_table(result: dict, console: Console | None = None) -> None:
-    if console is None:
-        probe = Console()
-        console = probe if probe.is_terminal else Console(width=200)
+    console = console or wide_console()
     table = Table(title=f"{result['document']}: {result['tokens']:,} tokens, {result['model']}, "
                         f"full-cache needle {result['needle_full']:.2f}, prefill {result['prefill_seconds']:.1f} s")
     columns = [("setting", "setting", "", "left"), ("kept", "kept_ratio", ".2f", "right"),
@@ -96,6 +100,11 @@ def plot(results: list[dict], output: Path) -> None:
     ax_top1.set_ylabel("top-1 agreement with the full cache")
     ax_top1.legend(loc="lower left", fontsize=8)
     fig.suptitle(f"kvc bench — {results[0]['model']} — {docs}", fontsize=10)
+    save_figure(plt, fig, output)
+
+
+def save_figure(plt, fig, output: Path) -> None:
+    """Write `fig` to `output` atomically and close it."""
     fig.tight_layout()
     partial = output.with_name(f".{output.name}.partial.png")
     try:
