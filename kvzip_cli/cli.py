@@ -74,6 +74,9 @@ def cli_errors(command):
             _fail("interrupted; nothing was written", 130)
         except MemoryError:
             _fail("out of memory; try a smaller --chunk-size or a shorter document")
+        except BrokenPipeError:  # the reader of stdout went away (`kvc inspect f.kvc | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except OSError as exc:
             _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
         except Exception as exc:

@@ -252,3 +252,13 @@ def test_signal_during_write_leaves_nothing(tmp_path, tiny_folder, short_doc, si
         assert proc.wait(timeout=60) == 130
         assert "error: interrupted" in rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_stdout_stops_quietly(kvc_file):
+    """`kvc inspect f.kvc | head -1`: the reader goes away; kvc stops without an error message or traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvzip_cli", "inspect", str(kvc_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before kvc writes anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert stderr == ""
