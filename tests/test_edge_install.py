@@ -2,6 +2,7 @@
 transformers, and decodes, verifies and exports every golden file there exactly as recorded."""
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -43,9 +44,11 @@ def _site_packages_bytes(env: Path) -> int:
 
 
 def test_format_package_installs_and_runs_without_torch(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels),
-                    str(ROOT / "format")], check=True, timeout=300)
+    source, wheels = tmp_path / "source", tmp_path / "wheels"
+    # Built from a copy: pip builds in place and would leave build/ and *.egg-info in the checkout.
+    shutil.copytree(ROOT / "format", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(source)],
+                   check=True, timeout=300)
     env = tmp_path / "env"
     venv.create(env, with_pip=True)
     python = env / "bin" / "python"
