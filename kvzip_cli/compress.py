@@ -219,8 +219,8 @@ def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
         inv_freq = inverse_frequencies(pre.lm.model, *tables) if tables is not None else None
         tables = tables if inv_freq is not None else None
         if tables is None and options.pre_rope:
-            raise KvcError(f"--pre-rope: model {pre.lm.name!r} has no full-width rotary embedding kvc can undo; "
-                           "use --no-pre-rope")
+            raise KvcError(f"--pre-rope: model {pre.lm.name!r} has no full-width rotary embedding of the standard "
+                           "form (cos/sin of position x frequency) that kvc can undo; use --no-pre-rope")
     head_dim = pre.identity["head_dim"]
     group = _value_group(options, head_dim)
     key_bits = options.key_bits or bits

@@ -54,6 +54,8 @@ def inverse_frequencies(model: PreTrainedModel, cos: torch.Tensor, sin: torch.Te
     if not isinstance(inv_freq, torch.Tensor) or 2 * inv_freq.numel() != cos.shape[-1]:
         return None
     freqs = inv_freq.detach().float().cpu()
+    if not bool(((freqs > 0) & (freqs <= 1)).all()):  # the range SPEC.md allows (every base above 1 gives it)
+        return None
     angles = torch.arange(cos.shape[0], dtype=torch.float32)[:, None] * freqs[None]
     angles = torch.cat([angles, angles], dim=-1)
     if not (torch.allclose(angles.cos(), cos.cpu(), atol=1e-4) and torch.allclose(angles.sin(), sin.cpu(), atol=1e-4)):

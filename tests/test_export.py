@@ -14,11 +14,12 @@ from safetensors.numpy import load_file as load_safetensors
 from typer.testing import CliRunner
 
 from kvc_format import KvcReader, UnsupportedVersionError, export_file, load_file
-from kvzip_cli import load
+from kvzip_cli import KvcError, load
 from kvzip_cli.cache import PrunedCache
 from kvzip_cli.cli import app
-from kvzip_cli.compress import prefill_document, write_kvc
+from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.pruning import score_context
+from kvzip_cli.rope import inverse_frequencies, rope_tables
 
 from attacks import assemble, rans_bad_tables, split
 from test_pipeline import TEXT
@@ -133,3 +134,25 @@ def test_exported_keys_are_the_keys_kvc_load_uses(tmp_path, prefilled):
             torch.testing.assert_close(torch.from_numpy(exported[prefix + "keys"]), keys[0].float(), atol=1e-5,
                                        rtol=1e-5)
             torch.testing.assert_close(torch.from_numpy(exported[prefix + "values"]), values[0].float())
+
+
+def test_rotary_tables_not_of_the_recordable_form_keep_rope_in_the_keys(tmp_path, prefilled, monkeypatch):
+    """When the model's rotary tables are not cos/sin(p·f) for its own frequencies f (here f is tampered with), kvc
+    cannot record what a reader would need: by default it stores keys with RoPE applied; --pre-rope is refused."""
+    model = prefilled.lm.model
+    tables = rope_tables(model, torch.arange(50))
+    assert inverse_frequencies(model, *tables) is not None
+    inv_freq = model.model.rotary_emb.inv_freq
+    original = inv_freq.clone()
+    try:
+        inv_freq.mul_(1.5)
+        assert inverse_frequencies(model, *tables) is None
+    finally:
+        inv_freq.copy_(original)
+    monkeypatch.setattr(sys.modules["kvzip_cli.compress"], "inverse_frequencies", lambda *a: None)
+    path = tmp_path / "q.kvc"
+    write_kvc(prefilled, path, codec="ans", bits=4)
+    with KvcReader(path) as reader:
+        assert reader.geometry.key_rope == "applied" and reader.geometry.rope_inv_freq is None
+    with pytest.raises(KvcError, match="standard form"):
+        write_kvc(prefilled, tmp_path / "r.kvc", codec="ans", bits=4, quant=QuantOptions(pre_rope=True))
