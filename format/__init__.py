@@ -6,7 +6,7 @@ Public surface: `load_file` (a whole cache as per-head numpy arrays) and `export
 stored without RoPE; `KvcFormatError` and its subclasses. `python -m kvc_format --help` for the command line.
 """
 
-from .constants import MAJOR_VERSION, MINOR_VERSION
+from .constants import MAJOR_VERSION, MINOR_VERSION, bfloat16_to_float32
 from .errors import (
     BadMagicError,
     ChecksumError,
@@ -20,7 +20,7 @@ from .errors import (
 )
 from .export import export_file, load_file
 from .positions import decode_positions, encode_positions
-from .reader import CacheGeometry, KvcReader, StoredArray, StoredLayer, bfloat16_to_float32
+from .reader import CacheGeometry, KvcReader, StoredArray, StoredLayer
 from .rope import apply_rope
 from .writer import KvcWriter, Stream
 

@@ -34,6 +34,11 @@ DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
 }
 
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
 # Section types this reader understands, with the stream names each must hold.
 SECTION_STREAMS: dict[str, tuple[str, ...]] = {
     "kv_layer": ("keys", "values"),

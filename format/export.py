@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .atomic import AtomicFile
+from .constants import bfloat16_to_float32
 from .errors import MetadataError, UnsupportedVersionError
-from .reader import KvcReader, StoredArray, StoredLayer, bfloat16_to_float32
+from .reader import KvcReader, StoredArray, StoredLayer
 from .rope import apply_rope
 
 # export dtype → (safetensors dtype code, numpy dtype)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import codecs, rans
+from .constants import bfloat16_to_float32
 from .errors import MetadataError
 from .positions import encode_positions
 from .quant import (
@@ -245,5 +246,5 @@ def decode_layer(arrays: dict[str, np.ndarray], symbols: dict[str, np.ndarray], 
 
 def _widen(rows: np.ndarray) -> np.ndarray:
     if rows.dtype == np.uint16:  # bfloat16 bit patterns
-        return (rows.astype(np.uint32) << 16).view(np.float32)
+        return bfloat16_to_float32(rows)
     return rows.astype(np.float32)

@@ -565,7 +565,3 @@ class KvcReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
