@@ -471,12 +471,7 @@ def bench(
         result = run_bench(text, str(document), lm, sweep, user_probes, task, new_tokens).as_json()
     if plot is not None:
         write_plot([result], plot)
-    if json_output:
-        _emit_json(result)
-    else:
-        print_table(result)
-        if plot is not None:
-            typer.echo(f"plot written to {plot}")
+    _report(result, json_output, print_table, plot)
 
 
 def _bench_lengths(document: Path, model: str, lengths: str, preset: str, plot: Path | None, device: str,
@@ -500,12 +495,17 @@ def _bench_lengths(document: Path, model: str, lengths: str, preset: str, plot: 
     result = as_json(rows, notes, lm, preset, str(document))
     if plot is not None:
         plot_lengths(result, plot)
+    _report(result, json_output, print_lengths, plot)
+
+
+def _report(result: dict, json_output: bool, show, plot: Path | None) -> None:
+    """A bench result as JSON on stdout, or shown as a table (and where its plot went)."""
     if json_output:
         _emit_json(result)
-    else:
-        print_lengths(result)
-        if plot is not None:
-            typer.echo(f"plot written to {plot}")
+        return
+    show(result)
+    if plot is not None:
+        typer.echo(f"plot written to {plot}")
 
 
 @app.command()
