@@ -219,21 +219,42 @@ def split_exact(positions: tuple[np.ndarray, ...], exact_positions: int) -> tupl
     return exact, np.array([int((p >= exact_positions).sum()) for p in positions], np.int64)
 
 
-def decode_layer(arrays: dict[str, np.ndarray], symbols: dict[str, np.ndarray], exact: np.ndarray,
-                 rows_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dequantize one layer: (keys, values), each (kept, head_dim) float32 in the stored row order."""
-    dim = arrays["key_zero"].shape[1]
-    alphabet = arrays["value_tables"].shape[1]
-    if symbols["value_symbols"].size and int(symbols["value_symbols"].max()) >= alphabet:
-        raise MetadataError(f"a value symbol exceeds the alphabet of {alphabet}")
+class UndecodedLayer(NamedTuple):
+    """A quantized layer read and checked up to its rANS-coded symbols (`KvcReader.read_undecoded`)."""
+
+    layer: int
+    arrays: dict[str, np.ndarray]  # every stream but the rANS-coded ones, decoded to its declared shape
+    rans: dict[str, RansItem]  # "key_symbols" / "value_symbols" → its lanes, for the streams coded with rANS
+    exact: np.ndarray  # (kept,) bool: rows stored as floats
+    rows_q: np.ndarray  # (kv_heads,) quantized rows per head
+    positions: tuple[np.ndarray, ...]
+
+
+def check_parameters(arrays: dict[str, np.ndarray]) -> None:
+    """Refuse non-finite or non-positive key steps, non-finite zero points, negative value steps."""
     step = arrays["key_step"]
     if not (np.isfinite(step).all() and (step > 0).all() and np.isfinite(arrays["key_zero"]).all()):
         raise MetadataError("key steps must be finite and positive, key zero points finite")
     v_zero, v_step = arrays["value_zero"], arrays["value_step"]
     if not (np.isfinite(v_zero).all() and np.isfinite(v_step).all() and (v_step >= 0).all()):
         raise MetadataError("value steps must be finite and non-negative, value zero points finite")
+
+
+def check_value_symbols(arrays: dict[str, np.ndarray], value_symbols: np.ndarray) -> None:
+    """Value symbols stored without rANS (whose tables bound them) must lie in the section's value alphabet."""
+    alphabet = arrays["value_tables"].shape[1]
+    if value_symbols.size and int(value_symbols.max()) >= alphabet:
+        raise MetadataError(f"a value symbol exceeds the alphabet of {alphabet}")
+
+
+def decode_layer(arrays: dict[str, np.ndarray], symbols: dict[str, np.ndarray], exact: np.ndarray,
+                 rows_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dequantize one layer: (keys, values), each (kept, head_dim) float32 in the stored row order."""
+    dim = arrays["key_zero"].shape[1]
+    check_value_symbols(arrays, symbols["value_symbols"])
+    check_parameters(arrays)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, not warned about
-        k = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], step), rows_q)
+        k = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], arrays["key_step"]), rows_q)
         v = dequantize_values(ValueCode(symbols["value_symbols"], arrays["value_zero"], arrays["value_step"]))
     keys = np.empty((exact.size, dim), np.float32)
     values = np.empty((exact.size, dim), np.float32)

@@ -23,6 +23,7 @@ Both directions are a Python loop over steps (the longest lane) with numpy opera
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -277,13 +278,32 @@ def decode(
     return decode_many([(payload, lane_lengths, lane_tables, freq)])[0]
 
 
-def decode_many(items: Sequence[DecodeItem]) -> list[np.ndarray]:
-    """Decode several independent payloads, each (payload, lane_lengths, lane_tables, freq) as for `decode`, in one
-    vectorised step loop. Returns one (N_i,) uint8 array per item (views into one shared buffer)."""
+class LaneBatch(NamedTuple):
+    """Checked, concatenated lanes of several payloads, ready for a decoder (this module's step loop, or a GPU
+    kernel that implements the same model). Lanes are numbered over all items, item by item."""
+
+    states: np.ndarray  # (lanes,) uint64: stored final states, all >= L; empty lanes hold exactly L
+    words: np.ndarray  # (W,) uint16: every item's words, item after item
+    lengths: np.ndarray  # (lanes,) int64: symbols per lane
+    tables: np.ndarray  # (lanes,) int64: row of `freq` each lane uses
+    freq: np.ndarray  # (T, A) uint16: all items' tables, narrower alphabets padded with zero-frequency symbols
+    lane_item: np.ndarray  # (lanes,) int64: the item each lane belongs to
+    item_words: np.ndarray  # (items,) int64: words each item owns
+    item_symbols: np.ndarray  # (items,) int64: symbols each item decodes to
+
+    def lane_error(self, lane: int, message: str) -> CodecError:
+        """An error about global lane `lane`, named by its item and its index within the item."""
+        k = int(self.lane_item[lane])
+        local = lane - int(np.searchsorted(self.lane_item, k))
+        return CodecError(f"item {k}: lane {local}: {message}" if self.item_words.size > 1 else
+                          f"lane {local}: {message}")
+
+
+def prepare_batch(items: Sequence[DecodeItem]) -> LaneBatch:
+    """Validate items (payload, lane_lengths, lane_tables, freq), as for `decode`, and concatenate their lanes.
+    CodecError for malformed tables, layouts, payload sizes or stored states."""
     items = list(items)
     n_items = len(items)
-    if n_items == 0:
-        return []
     lane_len: list[np.ndarray] = []
     lane_tab: list[np.ndarray] = []
     lane_state: list[np.ndarray] = []
@@ -319,22 +339,41 @@ def decode_many(items: Sequence[DecodeItem]) -> list[np.ndarray]:
         item_symbols[k] = int(lengths.sum())
         n_tables += freq.shape[0]
         alphabet = max(alphabet, freq.shape[1])
-    lengths = np.concatenate(lane_len)
+    lengths = np.concatenate(lane_len) if lane_len else np.zeros(0, dtype=np.int64)
     if lengths.size and lengths.max() > _INT64_MAX // lengths.size:
         raise CodecError("lane lengths are too large")
-    tables = np.concatenate(lane_tab)
-    states = np.concatenate(lane_state).astype(np.uint64)
-    words = np.concatenate(word_parts) if word_parts else np.zeros(0, dtype="<u2")
     freq = np.zeros((n_tables, alphabet), dtype=np.uint16)
     row = 0
-    for part in table_parts:  # narrower alphabets are padded with never-decoded zero-frequency symbols
+    for part in table_parts:
         freq[row : row + part.shape[0], : part.shape[1]] = part
         row += part.shape[0]
-    lane_item = np.repeat(np.arange(n_items), item_lanes)
-    out = np.empty(int(item_symbols.sum()), dtype=np.uint8)
-    _decode_lanes(out, states, words, lengths, tables, freq, lane_item, item_words, n_items > 1)
-    bounds = np.cumsum(item_symbols)
-    return [out[b - n : b] for b, n in zip(bounds.tolist(), item_symbols.tolist(), strict=True)]
+    batch = LaneBatch(
+        states=np.concatenate(lane_state).astype(np.uint64) if lane_state else np.zeros(0, dtype=np.uint64),
+        words=np.concatenate(word_parts) if word_parts else np.zeros(0, dtype="<u2"),
+        lengths=lengths,
+        tables=np.concatenate(lane_tab) if lane_tab else np.zeros(0, dtype=np.int64),
+        freq=freq,
+        lane_item=np.repeat(np.arange(n_items), item_lanes),
+        item_words=item_words,
+        item_symbols=item_symbols,
+    )
+    idle = np.flatnonzero((batch.lengths == 0) & (batch.states != L))
+    if idle.size:
+        lane = int(idle[0])
+        raise batch.lane_error(lane, f"empty lane stores state {int(batch.states[lane])}, not {L}")
+    return batch
+
+
+def decode_many(items: Sequence[DecodeItem]) -> list[np.ndarray]:
+    """Decode several independent payloads, each (payload, lane_lengths, lane_tables, freq) as for `decode`, in one
+    vectorised step loop. Returns one (N_i,) uint8 array per item (views into one shared buffer)."""
+    if not items:
+        return []
+    batch = prepare_batch(items)
+    out = np.empty(int(batch.item_symbols.sum()), dtype=np.uint8)
+    _decode_lanes(out, batch)
+    bounds = np.cumsum(batch.item_symbols)
+    return [out[b - n : b] for b, n in zip(bounds.tolist(), batch.item_symbols.tolist(), strict=True)]
 
 
 def _split_payload(payload: bytes | memoryview, n_lanes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -353,30 +392,14 @@ def _split_payload(payload: bytes | memoryview, n_lanes: int) -> tuple[np.ndarra
     return states, words
 
 
-def _decode_lanes(
-    out: np.ndarray,
-    states: np.ndarray,
-    words: np.ndarray,
-    lengths: np.ndarray,
-    tables: np.ndarray,
-    freq: np.ndarray,
-    lane_item: np.ndarray,
-    item_words: np.ndarray,
-    many: bool,
-) -> None:
-    """The shared step loop: fills out (sum(lengths),) from lanes (states, lengths, tables) whose words lie per item
-    in consecutive blocks of `words` (item k owns item_words[k] of them). Raises CodecError on any inconsistency."""
+def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
+    """The step loop: fills out (sum(lengths),) from the batch's lanes, whose words lie per item in consecutive
+    blocks. Raises CodecError on any inconsistency."""
+    states, words, lengths, tables, freq = batch.states, batch.words, batch.lengths, batch.tables, batch.freq
+    lane_item, item_words = batch.lane_item, batch.item_words
+    many = item_words.size > 1
     n_tables, alphabet = freq.shape
-
-    def fail(lane: int, message: str) -> CodecError:
-        k = int(lane_item[lane])
-        local = lane - int(np.searchsorted(lane_item, k))
-        return CodecError(f"item {k}: lane {local}: {message}" if many else f"lane {local}: {message}")
-
-    idle = np.flatnonzero((lengths == 0) & (states != L))
-    if idle.size:
-        lane = int(idle[0])
-        raise fail(lane, f"empty lane stores state {int(states[lane])}, not {L}")
+    fail = batch.lane_error
 
     # Per (table, symbol): freq | next << 16 | cum << 32, next being the following symbol of non-zero frequency.
     freq64 = freq.astype(np.int64)

@@ -478,20 +478,37 @@ class KvcReader:
     def read_layers(self, layers: list[int] | None = None) -> list[StoredLayer]:
         """Several layers at once (all by default): the rANS streams of all of them decode in one vectorised pass,
         which is much faster than layer by layer."""
+        read = self.read_undecoded(layers)
+        pending = [p for p in read if isinstance(p, quantized.UndecodedLayer)]
+        batch = [tuple(item) for p in pending for item in p.rans.values()]
+        decoded = iter(rans.decode_many(batch) if batch else [])
+        out = []
+        for p in read:
+            if isinstance(p, quantized.UndecodedLayer):
+                symbols = {name: quantized.from_lanes(next(decoded), p.rows_q, self.geometry.head_dim)
+                           for name in p.rans}
+                keys, values = quantized.decode_layer(p.arrays, {**p.arrays, **symbols}, p.exact, p.rows_q)
+                p = StoredLayer(StoredArray(keys, "float32"), StoredArray(values, "float32"), p.positions)
+            out.append(p)
+        return out
+
+    def read_undecoded(self, layers: list[int] | None = None) -> list["StoredLayer | quantized.UndecodedLayer"]:
+        """Layers read, checksummed and checked, but a quantized layer's rANS streams left coded (for a decoder
+        elsewhere, such as a GPU kernel): dense and pruned layers come back as `StoredLayer`s, quantized ones as
+        `quantized.UndecodedLayer`s."""
         layers = list(range(self.geometry.layers)) if layers is None else layers
         g = self.geometry
-        out: dict[int, StoredLayer] = {}
-        pending = []
+        out = []
         for layer in layers:
             section = self._layers[layer]
             arrays, coded = self._read_arrays(section)
             dtypes = {s.name: s.dtype for s in section.streams}
             if section.type == "kv_layer":
-                out[layer] = StoredLayer(*(StoredArray(arrays[n], dtypes[n]) for n in ("keys", "values")), None)
+                out.append(StoredLayer(*(StoredArray(arrays[n], dtypes[n]) for n in ("keys", "values")), None))
                 continue
             positions = self._positions(layer, arrays)
             if section.type == "kv_layer_pruned":
-                out[layer] = StoredLayer(*(StoredArray(arrays[n], dtypes[n]) for n in ("keys", "values")), positions)
+                out.append(StoredLayer(*(StoredArray(arrays[n], dtypes[n]) for n in ("keys", "values")), positions))
                 continue
             exact, rows_q = quantized.split_exact(positions, g.exact_positions)
             if int(exact.sum()) != section.attrs["exact"]:
@@ -505,19 +522,8 @@ class KvcReader:
                     rans.validate_tables(freq, freq.shape[1])
                     items[name] = quantized.rans_item(coded[name], params[name], freq, rows_q, g.head_dim,
                                                       f"layer {layer} {name}")
-            pending.append((layer, arrays, items, exact, rows_q, positions))
-        batch = [tuple(item) for p in pending for item in p[2].values()]
-        decoded = iter(rans.decode_many(batch) if batch else [])
-        for layer, arrays, items, exact, rows_q, positions in pending:
-            symbols = {}
-            for name in ("key_symbols", "value_symbols"):
-                if name in items:
-                    symbols[name] = quantized.from_lanes(next(decoded), rows_q, g.head_dim)
-                else:
-                    symbols[name] = arrays[name]
-            keys, values = quantized.decode_layer(arrays, symbols, exact, rows_q)
-            out[layer] = StoredLayer(StoredArray(keys, "float32"), StoredArray(values, "float32"), positions)
-        return [out[layer] for layer in layers]
+            out.append(quantized.UndecodedLayer(layer, arrays, items, exact, rows_q, positions))
+        return out
 
     def verify(self) -> None:
         """Check padding, every section's checksum, that every stream decodes to its declared size, and positions."""

@@ -7,7 +7,7 @@
 >>> out = lm.model.generate(kv.prompt_ids(lm.tokenizer, "Who may copy it?"), past_key_values=kv.cache)
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from .compress import CompressResult, compress, compress_text  # noqa: E402
 from .errors import KvcError  # noqa: E402

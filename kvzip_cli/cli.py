@@ -46,6 +46,12 @@ class ScorerName(str, Enum):
     random = "random"
 
 
+class Decoder(str, Enum):
+    auto = "auto"
+    numpy = "numpy"
+    triton = "triton"
+
+
 class Allocation(str, Enum):
     global_ = "global"
     layer = "layer"
@@ -122,12 +128,10 @@ def compress(
     document: Annotated[str, typer.Argument(help="UTF-8 text file to compress, or - to read stdin.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically).")],
     model: ModelOption = "smollm2",
-    preset: Annotated[PresetName, typer.Option(help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller); "
-                                               "balanced: 30% of entries (KVzip), 3-bit, entropy-coded (~20x); "
-                                               "small: 12% of entries, 3-bit keys, 2-bit values (~50x). --ratio, "
-                                               "--scorer, --bits, --codec override it.")] = (
-        PresetName.balanced
-    ),
+    preset: Annotated[PresetName | None, typer.Option(
+        help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller); balanced: 30% of entries (KVzip), 3-bit, "
+             "entropy-coded (~20x); small: 12% of entries, 3-bit keys, 2-bit values (~50x). --ratio, --scorer, "
+             "--bits, --codec override it. (default: balanced)")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
                                               "--scorer decides which entries stay, without knowing any "
                                               "question. (default: from --preset)")] = None,
@@ -143,7 +147,8 @@ def compress(
                                              "bit-exact) store floats; 8, 4, 3, 2 quantize: keys per channel "
                                              "(RoPE removed), values per token. (default: from --preset)")] = None,
     codec: Annotated[Codec | None, typer.Option(help="ans: rANS entropy coding of quantized symbols (smallest); "
-                                                "zstd: byte-planes + zstd; raw: bytes as they are. XX")] = None,
+                                                "zstd: byte-planes + zstd; raw: bytes as they are. (default: "
+                                                "from --preset)")] = None,
     key_bits: Annotated[int | None, typer.Option(help="Quantized keys: their own precision, 8, 4, 3 or 2 (keys "
                                                  "carry most of the error). (default: --bits)")] = None,
     group: Annotated[int | None, typer.Option(help="Quantized values: channels sharing one quantization step "
@@ -152,6 +157,16 @@ def compress(
                                                   "with RoPE removed (quantizes better) and re-apply it at load. "
                                                   "(default: when the model's RoPE allows)")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
+    target_top1: Annotated[float | None, typer.Option(help="Instead of a preset: search the ratio and bits for the "
+                                                      "smallest file whose self-check top1 is at least this (e.g. "
+                                                      "0.97). The self-check asks the model to reconstruct "
+                                                      "passages of the document and compares its next-token "
+                                                      "choices with the full cache's.")] = None,
+    target_kld: Annotated[float | None, typer.Option(help="Like --target-top1, for the self-check's KL divergence "
+                                                     "from the full cache (nats per token, e.g. 0.01); with both, "
+                                                     "both must hold.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Search time allowed for a target, in prefills of the "
+                                                 "document, and at least 30 s. (default: 4)")] = None,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
                                        "float16, float32.")] = "auto",
@@ -162,15 +177,21 @@ def compress(
     The document is placed in the model's chat template as a reusable prefix; `kvc load --prompt` later appends
     a question to it without re-reading the document. By default (--preset balanced) 30% of the entries are kept,
     quantized to 3 bits and entropy-coded: about 20x smaller than the float16 cache.
+
+    With --target-top1 or --target-kld, kvc scores the document once and searches for the smallest file whose
+    self-check meets the target (within --budget prefills of extra time); the file records the target, the
+    chosen settings and the self-check figures (`kvc inspect` shows them).
     """
+    from .calibrate import Target
     from .compress import QuantOptions
     from .compress import compress as run_compress
 
+    wants_target = target_top1 is not None or target_kld is not None
     result = run_compress(
         document,
         output,
         model=model,
-        preset=preset.value,
+        preset=preset.value if preset else None,
         codec=codec.value if codec else None,
         ratio=ratio,
         scorer=scorer.value if scorer else None,
@@ -181,7 +202,13 @@ def compress(
         device=device,
         dtype=dtype,
         progress=not json_output,
+        target=Target(target_top1, target_kld) if wants_target else None,
+        budget=budget,
     )
+    calibration = result.calibration
+    if calibration is not None and not calibration["met"]:
+        typer.echo(f"warning: no setting met the target {calibration['target']}; wrote the {_chosen(calibration)} "
+                   f"file, whose self-check gives {_figures(calibration)}", err=True)
     if json_output:
         _emit_json(result.as_json())
         return
@@ -197,6 +224,29 @@ def compress(
     typer.echo(f"  file         {_mb(result.file_bytes)} ({precision}, {result.codec}, "
                f"{result.bits_per_element:.2f} bits per kept element), compression {result.compression:.2f}x")
     typer.echo(f"  time         {result.seconds:.1f} s (prefill {result.prefill_seconds:.1f} s)")
+    if calibration is not None:
+        typer.echo(f"  calibrated   {_calibration_line(calibration)}")
+
+
+def _chosen(calibration: dict) -> str:
+    c = calibration["chosen"]
+    bits = "16-bit" if c["bits"] == 16 else f"{c['key_bits']}-bit keys, {c['bits']}-bit values"
+    return f"ratio {c['ratio']:g}, {bits}"
+
+
+def _figures(calibration: dict) -> str:
+    check = calibration["self_check"]
+    return f"top1 {check['top1']:.3f}, kld {check['kld']:.4f} ({check['probes']} probes)"
+
+
+def _calibration_line(calibration: dict) -> str:
+    target = ", ".join(f"{'top1 >=' if k == 'top1' else 'kld <='} {v:g}" for k, v in calibration["target"].items())
+    cost = calibration.get("search_prefills")
+    cost = f", {cost:.1f} prefills" if cost is not None else ""
+    budget = "; budget spent" if calibration.get("budget_exhausted") else ""
+    return (f"target {target} {'met' if calibration['met'] else 'NOT met'}: self-check {_figures(calibration)} "
+            f"at {_chosen(calibration)}; {calibration['trials']} trials in {calibration['search_seconds']:.1f} s"
+            f"{cost}{budget}")
 
 
 @app.command()
@@ -210,25 +260,30 @@ def load(
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
                                        "float16, float32.")] = "auto",
+    decoder: Annotated[Decoder, typer.Option(help="Decoder of a quantized file's symbols: auto (triton for a model on "
+                                         "a CUDA GPU when Triton is installed, else numpy), numpy (on the CPU), "
+                                         "triton (GPU kernels).")] = Decoder.auto,
     json_output: JsonOption = False,
 ):
     """Load a .kvc into its model and answer --prompt greedily, without re-reading the document.
 
     Without --prompt it verifies the file against the model and times the load.
     """
-    from .load import ask
+    from .devices import resolve_device
+    from .load import ask, choose_decoder
     from .load import load as run_load
     from .models import load_model
     from .progress import progress_bars
 
     with _open(file) as reader:
         header = reader.header
+    choose_decoder(decoder.value, resolve_device(device))  # refuse before the model loads
     model_name = model or header["model"].get("name") or "smollm2"
     t0 = time.perf_counter()
     lm = load_model(model_name, device=device, dtype=dtype)
     model_seconds = time.perf_counter() - t0
     with progress_bars(not json_output) as task:
-        kv = run_load(file, lm, task=task)
+        kv = run_load(file, lm, task=task, decoder=decoder.value)
     prefill_seconds = header.get("timings", {}).get("prefill_seconds")
     result = {
         "file": str(file),
@@ -237,6 +292,7 @@ def load(
         "kept_ratio": header.get("settings", {}).get("kept_ratio", 1.0),
         "cache_bytes": kv.cache_bytes(),
         "load_seconds": kv.load_seconds,
+        "decoder": kv.decoder,
         "prefill_seconds": prefill_seconds,
         "model_load_seconds": model_seconds,
         "answer": None,
@@ -285,6 +341,7 @@ def _summary(reader: KvcReader) -> dict:
         "settings": header.get("settings", {}),
         "prompt": {k: v for k, v in header["prompt"].items() if k != "prefix_ids"},
         "timings": header.get("timings", {}),
+        "calibration": header.get("calibration"),
         "writer": header.get("kvc", {}).get("writer"),
         "bits_per_element": 8 * reader.file_size / elements,
         "streams": {name: {"bytes": e["bytes"], "bits_per_element": 8 * e["bytes"] / elements,
@@ -320,6 +377,8 @@ def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_o
                                              for name, e in info["streams"].items()))
     if info["timings"].get("prefill_seconds") is not None:
         typer.echo(f"  prefill      {info['timings']['prefill_seconds']:.2f} s on {info['timings'].get('device')}")
+    if isinstance(info["calibration"], dict):
+        typer.echo(f"  calibrated   {_calibration_line(info['calibration'])}")
     sizes = [entry["bytes"] for entry in info["layers"]]
     typer.echo(f"  sections     {len(sizes)} layers, {min(sizes):,}..{max(sizes):,} bytes each")
     kept = [entry["kept_ratio"] for entry in info["layers"]]

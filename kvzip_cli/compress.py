@@ -5,6 +5,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -27,6 +28,9 @@ from .pruning import Pruning, score_context
 from .rope import head_dim, inverse_frequencies, rope_tables, unrotate
 from .scorers import DEFAULT_SCORER, check_scorer
 from .tensors import storage_tensor, to_stream
+
+if TYPE_CHECKING:
+    from .calibrate import Target
 
 CODECS = ("raw", "zstd", "ans")
 FLOAT_BITS = (16, 32)
@@ -79,6 +83,7 @@ class CompressResult:
     allocation: str | None = None
     score_seconds: float = 0.0
     key_bits: int | None = None  # quantized files: the keys' precision (may differ from `bits`, the values')
+    calibration: dict | None = None  # --target-top1 / --target-kld: the search's outcome (kvzip_cli.calibrate)
 
     @property
     def bits_per_element(self) -> float:
@@ -147,7 +152,8 @@ def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK
     return Prefilled(lm, text, layout, cache, identity, time.perf_counter() - started, chunk_size)
 
 
-def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None) -> dict:
+def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None,
+            calibration: dict | None) -> dict:
     cache, identity, layout = pre.cache, pre.identity, pre.layout
     layers, heads = len(cache.layers), identity["num_kv_heads"]
     geometry = {
@@ -170,7 +176,7 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         if quant["rope_inv_freq"] is not None:
             geometry["rope_inv_freq"] = quant["rope_inv_freq"]
         settings.update({k: quant[k] for k in ("value_group", "value_step", "key_bits", "key_step")})
-    return {
+    header = {
         "kvc": {"writer": f"kvc {__version__}"},
         "model": {**identity, "name": pre.lm.name, "dtype": DTYPE_NAMES[pre.lm.model.dtype]},
         "cache": geometry,
@@ -184,6 +190,9 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         "settings": settings,
         "timings": {"prefill_seconds": pre.prefill_seconds, "device": str(pre.lm.model.device)},
     }
+    if calibration is not None:
+        header["calibration"] = calibration
+    return header
 
 
 def _kept_positions(keep: torch.Tensor) -> list[torch.Tensor]:
@@ -250,9 +259,9 @@ def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tenso
 
 def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd", bits: int = 16,
               pruning: Pruning | None = None, quant: QuantOptions = QuantOptions(),
-              task: TaskFactory = silent_task) -> CompressResult:
+              task: TaskFactory = silent_task, calibration: dict | None = None) -> CompressResult:
     """Store a prefilled cache in `output` (atomically), pruned to `pruning.keep` when given, quantized to `bits`
-    when bits is 8, 4, 3 or 2.
+    when bits is 8, 4, 3 or 2. `calibration` (kvzip_cli.calibrate) is recorded in the header when given.
 
     `seconds` counts the prefill, the scoring and the write.
     """
@@ -267,7 +276,7 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
                        "use --bits 16 or --dtype float32")
     quantizer, tables, fields = _quantizer(pre, bits, codec, quant) if bits in QUANT_BITS else (None, None, None)
     advance = task("write", len(cache.layers))
-    with KvcWriter(output, _header(pre, bits, codec, pruning, fields)) as writer:
+    with KvcWriter(output, _header(pre, bits, codec, pruning, fields, calibration)) as writer:
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys[0], layer.values[0]
             if quantizer is not None:
@@ -303,6 +312,7 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
         allocation=pruning.allocation if pruning else None,
         score_seconds=score_seconds,
         key_bits=fields["key_bits"] if fields else None,
+        calibration=calibration,
     )
 
 
@@ -311,7 +321,7 @@ def compress_text(
     output: str | os.PathLike,
     *,
     model: str | LoadedModel = EMBEDDED,
-    preset: str = DEFAULT_PRESET,
+    preset: str | None = None,
     codec: str | None = None,
     ratio: float | None = None,
     scorer: str | None = None,
@@ -322,6 +332,8 @@ def compress_text(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
+    target: "Target | None" = None,
+    budget: float | None = None,
 ) -> CompressResult:
     """Prefill `text` as a reusable prompt prefix and store its KV cache in `output`.
 
@@ -329,8 +341,18 @@ def compress_text(
     With `ratio` < 1, `scorer` rates every entry without knowing any question and `allocation` ("global", "layer"
     or "head"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads. `bits` 8, 4,
     3 or 2 quantize (keys per channel, values per token), `codec` "ans" entropy-codes the quantized symbols.
+
+    With a `target` (kvzip_cli.calibrate.Target), the ratio and bits are searched for instead: the smallest file
+    whose self-check meets the target, within `budget` prefills of search time; `preset`, `ratio`, `bits`,
+    `codec` and `quant.key_bits` must then be left unset.
     """
-    chosen = get_preset(preset)
+    if target is not None:
+        return _calibrated(text, output, target, budget, model=model, scorer=scorer, allocation=allocation,
+                           preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
+                           device=device, dtype=dtype, progress=progress)
+    if budget is not None:
+        raise KvcError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
+    chosen = get_preset(preset or DEFAULT_PRESET)
     ratio = chosen.ratio if ratio is None else ratio
     scorer = chosen.scorer if scorer is None else scorer
     bits = chosen.bits if bits is None else bits
@@ -351,6 +373,32 @@ def compress_text(
             check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
             pruning = score_context(lm, pre.cache, pre.layout, scorer, task).keep(ratio, allocation)
         result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task)
+    return replace(result, seconds=time.perf_counter() - started)
+
+
+def _calibrated(text: str, output: str | os.PathLike, target, budget: float | None, *, model, scorer, allocation,
+                preset, ratio, bits, codec, quant: QuantOptions, chunk_size: int, device: str, dtype: str,
+                progress: bool) -> CompressResult:
+    from .calibrate import DEFAULT_BUDGET, calibrate, check_budget
+
+    chosen = {"--preset": preset, "--ratio": ratio, "--bits": bits, "--codec": codec, "--key-bits": quant.key_bits}
+    given = [name for name, value in chosen.items() if value is not None]
+    if given:
+        raise KvcError(f"a fidelity target chooses the ratio and bits itself: drop {', '.join(given)}")
+    target.check()
+    budget = DEFAULT_BUDGET if budget is None else budget
+    check_budget(budget)
+    scorer = scorer or get_preset(DEFAULT_PRESET).scorer
+    _check_settings("ans", 1.0, 4, chunk_size, scorer, allocation, quant)
+    check_output(Path(output))
+    started = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    _value_group(quant, head_dim(lm.model))
+    with progress_bars(progress) as task:
+        pre = prefill_document(text, lm, chunk_size, task)
+        scored = score_context(lm, pre.cache, pre.layout, scorer, task)
+        _, result = calibrate(pre, scored, target, Path(output), budget=budget,
+                              allocation=allocation, quant=quant, task=task)
     return replace(result, seconds=time.perf_counter() - started)
 
 

@@ -2,17 +2,19 @@
 
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvc_format import KvcReader
+from kvc_format import KvcReader, StoredArray
 
+from . import kernels
 from .attention import use_kvc_attention
 from .cache import PrunedCache, PrunedLayer, cache_bytes
-from .devices import DTYPE_NAMES
+from .devices import DTYPE_NAMES, DTYPES
 from .document import question_ids
 from .errors import KvcError
 from .fingerprint import differences, fingerprint
@@ -36,6 +38,7 @@ class LoadedKV:
     question_suffix: str
     header: dict
     load_seconds: float
+    decoder: str  # how a quantized file's symbols were decoded: "numpy" (CPU) or "triton" (GPU kernels)
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
         """(1, tokens + question tokens): what to pass as `input_ids` to `model.generate`."""
@@ -66,13 +69,21 @@ def check_identity(header: dict, model: PreTrainedModel, tokenizer: PreTrainedTo
     )
 
 
+DECODERS = ("auto", "numpy", "triton")
+
+
 def load(
     path: str | os.PathLike,
     model: PreTrainedModel | LoadedModel,
     tokenizer: PreTrainedTokenizerBase | None = None,
     task: TaskFactory = silent_task,
+    decoder: str = "auto",
 ) -> LoadedKV:
-    """Read `path` into a cache for `model` (on its device, in its dtype) after checking it is the same model."""
+    """Read `path` into a cache for `model` (on its device, in its dtype) after checking it is the same model.
+
+    `decoder` decodes a quantized file's symbols: "numpy" on the CPU (kvc_format), "triton" on the model's GPU
+    (kvzip_cli.kernels); "auto" takes triton for a model on CUDA when Triton is installed, numpy otherwise.
+    """
     if isinstance(model, LoadedModel):
         model, tokenizer = model.model, model.tokenizer
     if tokenizer is None:
@@ -80,6 +91,7 @@ def load(
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         except (OSError, ValueError):
             raise KvcError("pass the model's tokenizer: it cannot be found from model.name_or_path") from None
+    decoder = choose_decoder(decoder, model.device)
     started = time.perf_counter()
     with KvcReader(path) as reader:
         check_identity(reader.header, model, tokenizer)
@@ -92,21 +104,25 @@ def load(
         keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
         rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
         rope = _rope(model, geometry.tokens) if rope_removed else None
-        for layer, stored in reader.iter_layers():
-            k = from_stored(stored.keys, model.device, model.dtype if rope is None else torch.float32)
-            v = from_stored(stored.values, model.device, model.dtype)
+        if geometry.layout != "quantized":
+            decoder = "numpy"  # only quantized files hold symbols to decode: the others are read by kvc_format
+        layers, confirm = _decoded_layers(reader, decoder, model.device)
+        for layer, k, v, positions in layers:
+            k = k.to(model.dtype if rope is None else torch.float32)
+            v = v.to(model.dtype)
             if rope is not None:
-                k = _rotate_rows(k, stored.positions, *rope).to(model.dtype)
-            if stored.positions is None:
+                k = _rotate_rows(k, positions, *rope).to(model.dtype)
+            if positions is None:
                 dense.update(k.unsqueeze(0), v.unsqueeze(0), layer)
             elif keeps_all:
                 shape = (1, geometry.kv_heads, geometry.tokens, geometry.head_dim)
                 dense.update(k.reshape(shape), v.reshape(shape), layer)
             else:
-                counts = [len(p) for p in stored.positions]
+                counts = [len(p) for p in positions]
                 pruned.append(PrunedLayer(list(k.unsqueeze(0).split(counts, dim=1)),
                                           list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens))
             advance(1)
+        confirm()
         cache = PrunedCache(pruned) if pruned else dense
         if pruned:
             use_kvc_attention(model)
@@ -121,7 +137,46 @@ def load(
         question_suffix=prompt["question_suffix"],
         header=reader.header,
         load_seconds=time.perf_counter() - started,
+        decoder=decoder,
     )
+
+
+def choose_decoder(decoder: str, device: torch.device) -> str:
+    """"numpy" or "triton" for `decoder` ("auto", "numpy", "triton") on `device`; KvcError if triton cannot run."""
+    if decoder not in DECODERS:
+        raise KvcError(f"unknown decoder {decoder!r}: use one of {', '.join(DECODERS)}")
+    if decoder == "auto":
+        return "triton" if device.type == "cuda" and kernels.available(device) else "numpy"
+    if decoder == "triton":
+        kernels.require(device)
+    return decoder
+
+
+def _decoded_layers(reader: KvcReader, decoder: str, device: torch.device
+                    ) -> tuple[Iterator[tuple[int, torch.Tensor, torch.Tensor, tuple | None]], Callable[[], None]]:
+    """(layer, keys, values, positions) for every layer in order, keys and values on `device` as stored (or float32
+    when dequantized), and a function that raises if the device found the file corrupt (call it once all are used:
+    the triton decoder reports asynchronously)."""
+    if decoder == "numpy":
+        layers = ((layer, from_stored(s.keys, device, _dtype(s.keys)), from_stored(s.values, device, _dtype(s.values)),
+                   s.positions) for layer, s in reader.iter_layers())
+        return layers, lambda: None
+    from .kernels.layers import DeviceChecks, decode_layers
+
+    checks = DeviceChecks()
+
+    def layers():
+        for batch in reader.layer_batches():
+            undecoded = reader.read_undecoded(batch)
+            decoded = decode_layers(undecoded, reader.geometry.head_dim, device, checks)
+            for p, (keys, values) in zip(undecoded, decoded, strict=True):
+                yield p.layer, keys, values, p.positions
+
+    return layers(), checks.raise_if_bad
+
+
+def _dtype(stored: StoredArray) -> torch.dtype:
+    return DTYPES[stored.dtype]
 
 
 def _rope(model: PreTrainedModel, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,13 @@
 These are for fast unit tests of the mechanics only; claims about quality use the embedded SmolLM2 model.
 """
 
-from pathlib import Path
+import os
+
+# Triton's kernels (kvzip_cli.kernels) run on the CPU under its interpreter in tests. Triton reads this when it is
+# first imported, which torch or transformers may do before any test module.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch

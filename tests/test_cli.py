@@ -183,6 +183,18 @@ def test_usage_errors_exit_2(kvc_file):
     assert run("compress", "x.txt", "-o", "y.kvc", "--codec", "gzip").exit_code == 2
     assert run("compress", "x.txt", "-o", "y.kvc", "--scorer", "h2o").exit_code == 2
     assert run("compress", "x.txt", "-o", "y.kvc", "--allocation", "even").exit_code == 2
+    assert run("load", kvc_file, "--decoder", "cuda").exit_code == 2
+
+
+def test_load_refuses_a_decoder_it_cannot_run(kvc_file, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton's kernels then need a CUDA device
+    assert_one_line_error(run("load", kvc_file, "--decoder", "triton", "--device", "cpu"),
+                          "the triton decoder")
+
+
+def test_load_reports_its_decoder(kvc_file):
+    result = run("load", kvc_file, "--json")
+    assert json.loads(result.stdout)["decoder"] == "numpy"
 
 
 def test_cli_choices_match_the_registries():

@@ -41,6 +41,7 @@ class LengthRow:
     speedup: float  # prefill_ttft / kvc_ttft
     load_fp16_mb_per_s: float  # fp16 bytes of the kept K/V produced per second of load
     same_first_token: bool
+    decoder: str  # how load decoded the symbols: numpy (CPU) or triton (GPU kernels)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -94,8 +95,8 @@ def _prefill_first_token(lm: LoadedModel, ids: list[int], chunk_size: int) -> tu
 
 
 @torch.inference_mode()
-def _kvc_first_token(lm: LoadedModel, path: Path) -> tuple[float, float, int, int]:
-    """(load seconds, question seconds, first token, fp16 bytes of the loaded K/V)."""
+def _kvc_first_token(lm: LoadedModel, path: Path) -> tuple[float, float, int, int, str]:
+    """(load seconds, question seconds, first token, fp16 bytes of the loaded K/V, decoder)."""
     kv = load(path, lm)
     started = time.perf_counter()
     ids = kv.prompt_ids(lm.tokenizer, QUESTION)
@@ -104,7 +105,7 @@ def _kvc_first_token(lm: LoadedModel, path: Path) -> tuple[float, float, int, in
     token = int(logits[0, -1].argmax())
     seconds = time.perf_counter() - started
     fp16_bytes = kv.cache_bytes() // lm.model.dtype.itemsize * 2
-    return kv.load_seconds, seconds, token, fp16_bytes
+    return kv.load_seconds, seconds, token, fp16_bytes, kv.decoder
 
 
 def run_lengths(text: str, lm: LoadedModel, lengths: list[int], preset: str, repeats: int = 3,
@@ -138,6 +139,7 @@ def run_lengths(text: str, lm: LoadedModel, lengths: list[int], preset: str, rep
                 compress_seconds=made.seconds, prefill_ttft=prefill_seconds, load_seconds=load_seconds,
                 question_seconds=question_seconds, kvc_ttft=kvc_ttft, speedup=prefill_seconds / kvc_ttft,
                 load_fp16_mb_per_s=runs[0][3] / load_seconds / 1e6, same_first_token=runs[0][2] == prefill_token,
+                decoder=runs[0][4],
             ))
             advance(1)
     return rows, notes

@@ -11,7 +11,8 @@ COLUMNS = [("tokens", "tokens", ",d"), ("file MB", "file_bytes", "mb"), ("compr.
            ("compress s", "compress_seconds", ".1f"), ("prefill TTFT s", "prefill_ttft", ".2f"),
            ("kvc load s", "load_seconds", ".3f"), ("question s", "question_seconds", ".3f"),
            ("kvc TTFT s", "kvc_ttft", ".3f"), ("speedup", "speedup", ".1f"),
-           ("load MB/s", "load_fp16_mb_per_s", ".0f"), ("same token", "same_first_token", "")]
+           ("load MB/s", "load_fp16_mb_per_s", ".0f"), ("same token", "same_first_token", ""),
+           ("decoder", "decoder", "")]
 
 
 def print_lengths(result: dict, console: Console | None = None) -> None:
