@@ -64,11 +64,6 @@ class Candidate:
     key_bits: int
     bits: int  # values' bits (16: lossless floats, keys too)
 
-    @property
-    def label(self) -> str:
-        bits = "16-bit" if self.bits == 16 else f"k{self.key_bits}/v{self.bits}"
-        return f"{self.ratio:g} {bits}"
-
 
 @dataclass(frozen=True)
 class Trial:
@@ -91,10 +86,6 @@ class Calibration:
     search_seconds: float  # self-check reference, every trial, and the search's own work
     prefill_seconds: float
     exhausted: bool  # the budget ran out before the search finished
-
-    @property
-    def met(self) -> bool:
-        return self.chosen.met
 
     def header(self) -> dict:
         """What the file records (SPEC.md, header key `calibration`)."""
