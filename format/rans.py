@@ -288,6 +288,7 @@ class LaneBatch(NamedTuple):
     tables: np.ndarray  # (lanes,) int64: row of `freq` each lane uses
     freq: np.ndarray  # (T, A) uint16: all items' tables, narrower alphabets padded with zero-frequency symbols
     lane_item: np.ndarray  # (lanes,) int64: the item each lane belongs to
+    item_lanes: np.ndarray  # (items,) int64: lanes each item has
     item_words: np.ndarray  # (items,) int64: words each item owns
     item_symbols: np.ndarray  # (items,) int64: symbols each item decodes to
 
@@ -354,6 +355,7 @@ def prepare_batch(items: Sequence[DecodeItem]) -> LaneBatch:
         tables=np.concatenate(lane_tab) if lane_tab else np.zeros(0, dtype=np.int64),
         freq=freq,
         lane_item=np.repeat(np.arange(n_items), item_lanes),
+        item_lanes=item_lanes,
         item_words=item_words,
         item_symbols=item_symbols,
     )

@@ -159,9 +159,9 @@ def compress(
     chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
     target_top1: Annotated[float | None, typer.Option(help="Instead of a preset: search the ratio and bits for the "
                                                       "smallest file whose self-check top1 is at least this (e.g. "
-                                                      "0.97). The self-check asks the model to reconstruct "
-                                                      "passages of the document and compares its next-token "
-                                                      "choices with the full cache's.")] = None,
+                                                      "0.97). The self-check asks the model to repeat passages "
+                                                      "of the document and what it says about them, and compares "
+                                                      "its next-token choices with the full cache's.")] = None,
     target_kld: Annotated[float | None, typer.Option(help="Like --target-top1, for the self-check's KL divergence "
                                                      "from the full cache (nats per token, e.g. 0.01); with both, "
                                                      "both must hold.")] = None,

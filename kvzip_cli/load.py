@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvc_format import KvcReader, StoredArray
+from kvc_format import KvcReader
 
 from . import kernels
 from .attention import use_kvc_attention
 from .cache import PrunedCache, PrunedLayer, cache_bytes
-from .devices import DTYPE_NAMES, DTYPES
+from .devices import DTYPE_NAMES
 from .document import question_ids
 from .errors import KvcError
 from .fingerprint import differences, fingerprint
@@ -158,8 +158,8 @@ def _decoded_layers(reader: KvcReader, decoder: str, device: torch.device
     when dequantized), and a function that raises if the device found the file corrupt (call it once all are used:
     the triton decoder reports asynchronously)."""
     if decoder == "numpy":
-        layers = ((layer, from_stored(s.keys, device, _dtype(s.keys)), from_stored(s.values, device, _dtype(s.values)),
-                   s.positions) for layer, s in reader.iter_layers())
+        layers = ((layer, from_stored(s.keys, device), from_stored(s.values, device), s.positions)
+                  for layer, s in reader.iter_layers())
         return layers, lambda: None
     from .kernels.layers import DeviceChecks, decode_layers
 
@@ -173,10 +173,6 @@ def _decoded_layers(reader: KvcReader, decoder: str, device: torch.device
                 yield p.layer, keys, values, p.positions
 
     return layers(), checks.raise_if_bad
-
-
-def _dtype(stored: StoredArray) -> torch.dtype:
-    return DTYPES[stored.dtype]
 
 
 def _rope(model: PreTrainedModel, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ def to_stream(name: str, tensor: torch.Tensor) -> Stream:
     return Stream(name, DTYPE_NAMES[t.dtype], tuple(t.shape), memoryview(bits.numpy()).cast("B"))
 
 
-def from_stored(stored: StoredArray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def from_stored(stored: StoredArray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The array as a tensor on `device`, in `dtype` (default: its declared type)."""
     t = torch.from_numpy(stored.data)
     if stored.dtype == "bfloat16":
         t = t.view(torch.bfloat16)

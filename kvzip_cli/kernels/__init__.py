@@ -8,9 +8,15 @@ only meant for testing them where there is no GPU.
 import importlib.util
 import os
 
+import numpy as np
 import torch
 
 from ..errors import KvcError
+
+
+def to_device(array: np.ndarray, device: torch.device, dtype=None) -> torch.Tensor:
+    """A contiguous copy of `array` (cast to the numpy `dtype` when given) on `device`, queued without waiting."""
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device, non_blocking=True)
 
 
 def interpreting() -> bool:

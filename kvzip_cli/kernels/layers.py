@@ -15,7 +15,7 @@ from kvc_format import quantized, rans
 from kvc_format.errors import MetadataError
 from kvc_format.quant import head_index
 
-from . import dequantize, rans_decode
+from . import dequantize, rans_decode, to_device
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _lane_offsets(batch: rans.LaneBatch, rows_q: list[np.ndarray], dim: int, ite
     apart. Lanes run head by head, column by column, each column cut into lanes (kvc_format.quantized.lane_layout)."""
     out = np.empty(batch.lengths.size, np.int64)
     lane_first = np.cumsum(batch.lengths) - batch.lengths
-    item_lanes = np.bincount(batch.lane_item, minlength=len(rows_q))
+    item_lanes = batch.item_lanes
     first_lane = np.cumsum(item_lanes) - item_lanes
     for k, rows in enumerate(rows_q):
         lanes = slice(first_lane[k], first_lane[k] + item_lanes[k])
@@ -72,7 +72,7 @@ def _lane_offsets(batch: rans.LaneBatch, rows_q: list[np.ndarray], dim: int, ite
 def _dequantize_layer(p: quantized.UndecodedLayer, decoded: dict, dim: int, device: torch.device,
                       checks: DeviceChecks) -> tuple[torch.Tensor, torch.Tensor]:
     def put(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+        return to_device(array, device)
 
     def symbols(name: str) -> torch.Tensor:
         return decoded[(p.layer, name)] if name in p.rans else put(p.arrays[name])

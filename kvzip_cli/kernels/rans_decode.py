@@ -17,6 +17,8 @@ import triton.language as tl
 from kvc_format.errors import CodecError
 from kvc_format.rans import PROB_BITS, L, LaneBatch, M
 
+from . import to_device
+
 LANES_PER_PASS = 1024  # lanes a program advances per pass within a step (more lanes take several passes)
 
 
@@ -89,7 +91,7 @@ def decode(batch: LaneBatch, lane_out: np.ndarray, item_stride: np.ndarray, out:
     goes to out[lane_out[i] + t * item_stride[item of lane i]]. Asynchronous on CUDA; `check()` the result."""
     device = out.device
     n_items = batch.item_words.size
-    item_lanes = np.bincount(batch.lane_item, minlength=n_items)
+    item_lanes = batch.item_lanes
     item_lane = np.cumsum(item_lanes) - item_lanes
     item_steps = np.zeros(n_items, np.int64)
     if batch.lengths.size:
@@ -97,7 +99,7 @@ def decode(batch: LaneBatch, lane_out: np.ndarray, item_stride: np.ndarray, out:
     n_tables, alphabet = batch.freq.shape
 
     def put(array: np.ndarray, dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device, non_blocking=True)
+        return to_device(array, device, dtype)
 
     freq = put(batch.freq, np.int32)
     cum = torch.cumsum(freq, dim=1, dtype=torch.int32) - freq
