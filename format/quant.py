@@ -1,9 +1,11 @@
 """Scalar quantizers of kept K/V rows (SPEC.md §4.3, `kv_layer_quantized`). numpy only.
 
 Keys are quantized per channel with one step per (head, channel): symbol = round((k - zero) / step), where the step
-is `key_step` × the head's key RMS (so steps track the scale of each head, not of each channel: wide channels get
-more levels, which the bench showed is what attention needs) and the zero point centres each channel's mean on
-symbol 128. Values are quantized per token, each row cut into groups of `value_group` channels, two ways:
+is `key_step` × a unit step, and the zero point centres each channel's mean on symbol 128. The unit is the writer's
+choice: by default the head's key RMS (so steps track the scale of each head, not of each channel: wide channels get
+more levels, which the bench showed is what attention needs); kvc passes steps weighted by how strongly queries
+read each channel (kvzip_cli.key_units). Values are quantized per token, each row cut into groups of `value_group`
+channels, two ways:
 - `uniform` (for entropy coding): step = `value_step` × the group's RMS, symbol = round(v / step) + 128, no zero
   point stored. The step, not a bit width, sets the error; the entropy coder spends bits only where values vary.
 - `minmax` (KIVI, fixed rate): zero point = the group's minimum (rounded down), step = (max - zero) / (2^bits - 1).
@@ -37,8 +39,10 @@ def head_index(rows_per_head: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(rows_per_head)), rows_per_head)
 
 
-def quantize_keys(keys: np.ndarray, rows_per_head: np.ndarray, key_step: float) -> KeyCode:
-    """keys (rows, head_dim) float32 → symbols in [0, 255] with at most step/2 error per element."""
+def quantize_keys(keys: np.ndarray, rows_per_head: np.ndarray, key_step: float,
+                  unit: np.ndarray | None = None) -> KeyCode:
+    """keys (rows, head_dim) float32 → symbols in [0, 255] with at most step/2 error per element. `unit`
+    (kv_heads, head_dim), finite and > 0: each (head, channel)'s step at key_step 1; default the head's key RMS."""
     heads, dim = len(rows_per_head), keys.shape[1]
     zero = np.zeros((heads, dim), np.float32)
     step = np.ones((heads, dim), np.float32)
@@ -49,9 +53,9 @@ def quantize_keys(keys: np.ndarray, rows_per_head: np.ndarray, key_step: float) 
         if n:
             mean = block.mean(0)
             spread = np.abs(block - mean).max(0)
-            rms = np.sqrt(np.mean(block**2))
+            base = np.sqrt(np.mean(block**2)) if unit is None else unit[h].astype(np.float64)
             # The widest channel decides the least step that keeps every symbol within [0, 255].
-            s = np.maximum(key_step * rms, spread / (KEY_CENTRE - 1))
+            s = np.maximum(key_step * base, spread / (KEY_CENTRE - 1))
             s = np.maximum(s, np.finfo(np.float32).tiny).astype(np.float32)
             z = (mean - KEY_CENTRE * s.astype(np.float64)).astype(np.float32)
             q = np.rint((block - z) / s)

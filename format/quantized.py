@@ -45,7 +45,7 @@ class Quantization:
     value_step: float = 0.3  # uniform: value step as a fraction of each (row, group)'s RMS
     value_bits: int = 4  # minmax: levels per group are 2^value_bits
     value_group: int = 64  # channels per value zero point/step; must divide head_dim (or exceed it: whole row)
-    key_step: float = 0.25  # key step as a fraction of the head's key RMS
+    key_step: float = 0.25  # key step as a fraction of the head's key RMS, or of the caller's key units
     exact_positions: int = 4  # positions below this are stored exactly (attention sinks)
     coder: str = "rans"
 
@@ -140,8 +140,10 @@ def _float_rows(rows: np.ndarray) -> tuple[str, np.ndarray]:
     return "float32", rows.astype("<f4")
 
 
-def encode_layer(keys: np.ndarray, values: np.ndarray, positions: list[np.ndarray], q: Quantization) -> EncodedLayer:
-    """keys/values (kept, head_dim) float32, rows in head order; positions the per-head kept positions (sorted)."""
+def encode_layer(keys: np.ndarray, values: np.ndarray, positions: list[np.ndarray], q: Quantization,
+                 key_unit: np.ndarray | None = None) -> EncodedLayer:
+    """keys/values (kept, head_dim) float32, rows in head order; positions the per-head kept positions (sorted);
+    `key_unit` (kv_heads, head_dim): the keys' step per (head, channel) at key_step 1 (quant.quantize_keys)."""
     from .writer import Stream  # the writer imports codecs only; keep this module importable on its own
 
     q.check()
@@ -151,10 +153,13 @@ def encode_layer(keys: np.ndarray, values: np.ndarray, positions: list[np.ndarra
     group = min(q.value_group, dim)
     if dim % group:
         raise ValueError(f"value group {q.value_group} does not divide head_dim {dim}")
+    if key_unit is not None and (key_unit.shape != (len(positions), dim) or not np.isfinite(key_unit).all()
+                                 or not (key_unit > 0).all()):
+        raise ValueError(f"key units must be finite and > 0, shaped ({len(positions)}, {dim})")
     counts, gaps = encode_positions(positions)
     exact = np.concatenate([p < q.exact_positions for p in positions])
     rows_q = np.array([int((p >= q.exact_positions).sum()) for p in positions], np.int64)
-    kq = quantize_keys(keys[~exact].astype(np.float32), rows_q, q.key_step)
+    kq = quantize_keys(keys[~exact].astype(np.float32), rows_q, q.key_step, key_unit)
     rows = values[~exact].astype(np.float32)
     if q.value_mode == "uniform":
         vq, value_alphabet = quantize_values_uniform(rows, q.value_step, group), KEY_LEVELS

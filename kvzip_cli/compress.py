@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -14,11 +15,13 @@ from kvc_format import KvcWriter, Stream, encode_positions
 from kvc_format.quantized import Quantization, encode_layer
 
 from . import __version__
+from .attention import kvc_attention_in, observe_attention
 from .budget import SINK_TOKENS, check_allocation, check_ratio, protected_positions
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt, read_document
 from .errors import KvcError
 from .fingerprint import fingerprint
+from .key_units import QueryEnergy, key_units
 from .models import EMBEDDED, LoadedModel, load_model
 from .paths import check_output
 from .prefill import prefill
@@ -58,12 +61,14 @@ def value_step(bits: int) -> float:
 @dataclass(frozen=True)
 class QuantOptions:
     """Quantization knobs beyond `bits`: key precision in bits when it differs from the values' (keys carry most of
-    the error), channels sharing one value step (None: the whole head) and whether keys are stored with RoPE removed
-    (None: when the model's RoPE can be undone)."""
+    the error), channels sharing one value step (None: the whole head), whether keys are stored with RoPE removed
+    (None: when the model's RoPE can be undone) and whether key steps are weighted by the document's queries
+    (kvzip_cli.key_units; False: one step per head, from its key RMS)."""
 
     key_bits: int | None = None
     value_group: int | None = None
     pre_rope: bool | None = None
+    query_weighted_keys: bool = True
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class Prefilled:
     identity: dict
     prefill_seconds: float
     chunk_size: int
+    query_energy: np.ndarray | None = None  # (layers, heads, head_dim) mean q² over the prefill (key_units)
 
     @property
     def tokens(self) -> int:
@@ -148,8 +154,10 @@ def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK
         raise KvcError(f"the document is {tokens} tokens; model {lm.name!r} handles at most {limit}")
     identity = fingerprint(lm.model, lm.tokenizer)
     started = time.perf_counter()
-    cache = prefill(lm.model, layout.prefix_ids, chunk_size, task("prefill", tokens))
-    return Prefilled(lm, text, layout, cache, identity, time.perf_counter() - started, chunk_size)
+    energy = QueryEnergy()
+    with kvc_attention_in(lm.model), observe_attention(energy):
+        cache = prefill(lm.model, layout.prefix_ids, chunk_size, task("prefill", tokens))
+    return Prefilled(lm, text, layout, cache, identity, time.perf_counter() - started, chunk_size, energy.mean())
 
 
 def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None,
@@ -175,7 +183,7 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         geometry.update(exact_positions=quant["exact_positions"], key_rope=quant["key_rope"])
         if quant["rope_inv_freq"] is not None:
             geometry["rope_inv_freq"] = quant["rope_inv_freq"]
-        settings.update({k: quant[k] for k in ("value_group", "value_step", "key_bits", "key_step")})
+        settings.update({k: quant[k] for k in ("value_group", "value_step", "key_bits", "key_step", "key_units")})
     header = {
         "kvc": {"writer": f"kvc {__version__}"},
         "model": {**identity, "name": pre.lm.name, "dtype": DTYPE_NAMES[pre.lm.model.dtype]},
@@ -220,8 +228,17 @@ def _value_group(options: QuantOptions, head_dim: int) -> int:
     return group
 
 
+def _key_units(pre: Prefilled, paired: bool) -> np.ndarray | None:
+    """(layers, kv_heads, head_dim) query-weighted key steps at key_step 1, or None (per-head RMS steps)."""
+    if pre.query_energy is None:
+        return None
+    # RoPE rotates channel pairs, so it leaves each head's key RMS unchanged: the stored keys' RMS either way.
+    rms = torch.stack([layer.keys[0].float().pow(2).mean((1, 2)).sqrt() for layer in pre.cache.layers])
+    return key_units(pre.query_energy, rms.double().cpu().numpy(), paired)
+
+
 def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
-    """(Quantization, RoPE tables or None, header fields) for a quantized write."""
+    """(Quantization, RoPE tables or None, header fields, per-layer key units or None) for a quantized write."""
     tables, inv_freq = None, None
     if options.pre_rope is not False:
         tables = rope_tables(pre.lm.model, torch.arange(pre.tokens))
@@ -236,14 +253,15 @@ def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
     quant = Quantization(value_mode="uniform", value_step=value_step(bits), value_group=group,
                          key_step=key_step(key_bits), exact_positions=SINK_TOKENS,
                          coder="rans" if codec == "ans" else codec)
+    units = _key_units(pre, paired=tables is not None) if options.query_weighted_keys else None
     fields = {"exact_positions": SINK_TOKENS, "key_rope": "removed" if tables is not None else "applied",
-              "rope_inv_freq": inv_freq,
-              "value_group": group, "value_step": quant.value_step, "key_bits": key_bits, "key_step": quant.key_step}
-    return quant, tables, fields
+              "rope_inv_freq": inv_freq, "value_group": group, "value_step": quant.value_step, "key_bits": key_bits,
+              "key_step": quant.key_step, "key_units": "query" if units is not None else "rms"}
+    return quant, tables, fields, units
 
 
 def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, quant: Quantization,
-                     tables: tuple[torch.Tensor, torch.Tensor] | None):
+                     tables: tuple[torch.Tensor, torch.Tensor] | None, key_unit: np.ndarray | None):
     """keys/values (kv_heads, tokens, head_dim) → the kv_layer_quantized streams and section attributes."""
     keys, values = keys.float().cpu(), values.float().cpu()
     if tables is not None:
@@ -252,7 +270,7 @@ def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tenso
     kept_keys = torch.cat([keys[h, p] for h, p in enumerate(positions)]).numpy()
     kept_values = torch.cat([values[h, p] for h, p in enumerate(positions)]).numpy()
     try:
-        return encode_layer(kept_keys, kept_values, [p.numpy() for p in positions], quant)
+        return encode_layer(kept_keys, kept_values, [p.numpy() for p in positions], quant, key_unit)
     except ValueError as exc:
         raise KvcError(f"cannot quantize this cache: {exc}") from None
 
@@ -274,14 +292,16 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
     if bits == 32 and computed != torch.float32:
         raise KvcError(f"--bits 32 keeps float32 KV, but the model computed {DTYPE_NAMES[computed]}; "
                        "use --bits 16 or --dtype float32")
-    quantizer, tables, fields = _quantizer(pre, bits, codec, quant) if bits in QUANT_BITS else (None, None, None)
+    quantizer, tables, fields, units = (_quantizer(pre, bits, codec, quant) if bits in QUANT_BITS
+                                        else (None, None, None, None))
     advance = task("write", len(cache.layers))
     with KvcWriter(output, _header(pre, bits, codec, pruning, fields, calibration)) as writer:
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys[0], layer.values[0]
             if quantizer is not None:
                 keep = pruning.keep[i] if pruning is not None else torch.ones(keys.shape[:2], dtype=torch.bool)
-                encoded = _quantized_layer(keys, values, keep, quantizer, tables)
+                encoded = _quantized_layer(keys, values, keep, quantizer, tables,
+                                           units[i] if units is not None else None)
                 writer.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams,
                                    codec="zstd")
             elif pruning is None:
