@@ -15,7 +15,7 @@ Per document (examples/docs/*.txt by default), with the embedded model:
    scores): the chosen settings, file size, search cost in prefills, and the held-out figures of the file it
    wrote, beside the balanced preset's.
 
-Writes one JSON per document and summary.md to --out. About 25 minutes on 2 CPU cores for the six documents.
+Writes one JSON per document and summary.md to --out. About 35 minutes on 2 CPU cores for the six documents.
 """
 
 import argparse
