@@ -39,9 +39,9 @@ CODECS = ("raw", "zstd", "ans")
 FLOAT_BITS = (16, 32)
 QUANT_BITS = (8, 4, 3, 2)
 DEFAULT_CHUNK = 512
-# Quantization steps at 4 bits, as fractions of each head's key RMS and of each value row's RMS; every bit added
-# halves them. Chosen on the example corpus (examples/results/quantization/): 4 bits give kld ≈ 0.005 at ≈ 3.6 bits
-# per element once entropy-coded.
+# Quantization steps at 4 bits, as fractions of the key units (kvzip_cli.key_units: on average each head's key RMS)
+# and of each value row's RMS; every bit added halves them. Chosen on the example corpus with one key step per head
+# (examples/results/quantization/): 4 bits gave kld ≈ 0.005 at ≈ 3.6 bits per element once entropy-coded.
 KEY_STEP_AT_4_BITS = 0.15
 VALUE_STEP_AT_4_BITS = 0.3
 
