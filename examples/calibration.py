@@ -5,17 +5,16 @@
 Per document (examples/docs/*.txt by default), with the embedded model:
 1. Prefill and KVzip-score once; take the full cache's reference for the self-check (kvzip_cli.self_check) and
    for the document's held-out questions (examples/questions/<doc>.txt: user-style questions the search never
-   sees; the bench's kld and top1 along the full cache's greedy 32-token answers).
+   sees, 12 per document; the bench's kld and top1 along the full cache's greedy 32-token answers).
 2. A grid of settings (kept ratio × key/value bits, the balanced preset among them): each written, loaded, then
-   self-checked and asked the held-out questions. Two self-checks are compared on the same files: 8
-   reconstruction probes, and the shipped mix of 4 reconstruction + 4 question probes. Over all documents: the
-   correlation between each self-check and the held-out figures, and the worst miss (held-out top1 below the
-   self-check's).
+   self-checked and asked the held-out questions. Three self-checks are compared on the same files: the shipped
+   8 reconstruction + 4 question probes, the earlier 4 + 4, and 8 + 8. Over all documents: the correlation between
+   each self-check and the held-out figures, and the worst miss (held-out top1 below the self-check's).
 3. `kvc compress --target-top1` at each target (kvzip_cli.calibrate, the product path, reusing the prefill and
    scores): the chosen settings, file size, search cost in prefills, and the held-out figures of the file it
    wrote, beside the balanced preset's.
 
-Writes one JSON per document and summary.md to --out. About 35 minutes on 2 CPU cores for the six documents.
+Writes one JSON per document and summary.md to --out. About 45 minutes on 2 CPU cores for the six documents.
 """
 
 import argparse
@@ -36,7 +35,7 @@ from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.load import load
 from kvzip_cli.models import load_model
 from kvzip_cli.pruning import score_context
-from kvzip_cli.self_check import SelfCheck
+from kvzip_cli.self_check import QUESTION_PROBES, RECONSTRUCTION_PROBES, SelfCheck
 
 HERE = Path(__file__).parent
 GRID = [Candidate(r, k, b) for r, k, b in (
@@ -44,6 +43,8 @@ GRID = [Candidate(r, k, b) for r, k, b in (
     (0.3, 3, 3), (0.2, 4, 4), (0.2, 3, 3), (0.12, 3, 2),
 )]
 BALANCED = Candidate(0.3, 3, 3)  # the balanced preset: 30% kept by KVzip, 3-bit keys and values, rANS
+SHIPPED = f"{RECONSTRUCTION_PROBES}+{QUESTION_PROBES}"
+VARIANTS = {SHIPPED: (RECONSTRUCTION_PROBES, QUESTION_PROBES), "4+4": (4, 4), "8+8": (8, 8)}  # reconstruction+question
 
 
 class HeldOut:
@@ -74,7 +75,7 @@ def measure(lm, pre, scored, candidate: Candidate, checks: dict[str, SelfCheck],
         own = {name: check.run(cache) for name, check in checks.items()}
         other = held_out.run(cache)
     return {"ratio": candidate.ratio, "key_bits": candidate.key_bits, "bits": candidate.bits,
-            "file_bytes": made.file_bytes, "self_top1": own["mixed"].top1, "self_kld": own["mixed"].kld,
+            "file_bytes": made.file_bytes, "self_top1": own[SHIPPED].top1, "self_kld": own[SHIPPED].kld,
             "held_top1": other["top1"], "held_kld": other["kld"],
             "variants": {name: {"top1": r.top1, "kld": r.kld} for name, r in own.items()}}
 
@@ -84,7 +85,7 @@ def run_document(lm, doc: Path, targets: list[Target], out: Path) -> dict:
     questions = read_probes(HERE / "questions" / doc.name)
     pre = prefill_document(text, lm)
     scored = score_context(lm, pre.cache, pre.layout, "kvzip")
-    checks = {"reconstruction": SelfCheck(pre, 8, 0), "mixed": SelfCheck(pre)}
+    checks = {name: SelfCheck(pre, *counts) for name, counts in VARIANTS.items()}
     held_out = HeldOut(lm, pre, questions)
     with tempfile.TemporaryDirectory() as tmp:
         grid = [measure(lm, pre, scored, c, checks, held_out, Path(tmp) / "grid.kvc") for c in GRID]
@@ -131,7 +132,8 @@ def summary(results: list[dict], targets: list[Target]) -> str:
         "| self-check | probes | Pearson r, top1 | Pearson r, kld | worst miss (held-out top1 below self-check) |",
         "|---|---|---:|---:|---|",
     ]
-    for name, probes in (("reconstruction", "8 reconstruction"), ("mixed", "4 reconstruction + 4 question (shipped)")):
+    for name, (reconstruction, question) in VARIANTS.items():
+        probes = f"{reconstruction} reconstruction + {question} question" + (" (shipped)" if name == SHIPPED else "")
         view = [{**p, "self_top1": p["variants"][name]["top1"], "self_kld": p["variants"][name]["kld"]}
                 for p in points]
         worst = max(view, key=lambda p: p["self_top1"] - p["held_top1"])

@@ -29,7 +29,7 @@ from .self_check import SelfCheck, SelfCheckResult
 
 BIT_LADDER = ((8, 8), (4, 4), (3, 3), (3, 2), (2, 2))  # (key bits, value bits), most precise first
 SEARCH_ORDER = ((4, 4), (8, 8), (3, 3), (3, 2), (2, 2))  # 4 bits first: on the corpus the usual winner
-RATIOS = (0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+RATIOS = (0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_BUDGET = 4.0  # search time, in prefills of the document
 MIN_BUDGET_SECONDS = 30.0  # short documents prefill in a second or less; a search always gets this much
 MAX_TRIALS = 30

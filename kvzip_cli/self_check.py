@@ -19,7 +19,7 @@ from .bench.metrics import FidelityTotals
 from .compress import Prefilled
 from .document import question_ids
 
-RECONSTRUCTION_PROBES = 4
+RECONSTRUCTION_PROBES = 8  # answers come from the document itself: more of them cost no generation
 QUESTION_PROBES = 4
 SNIPPET_WORDS = 8
 QUESTION_WORDS = 6

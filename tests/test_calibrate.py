@@ -14,7 +14,7 @@ from kvzip_cli.attention import kvc_attention_in
 from kvzip_cli.calibrate import BIT_LADDER, RATIOS, Candidate, Target, Trial, search
 from kvzip_cli.cli import app
 from kvzip_cli.compress import prefill_document
-from kvzip_cli.self_check import SelfCheck, SelfCheckResult
+from kvzip_cli.self_check import QUESTION_PROBES, RECONSTRUCTION_PROBES, SelfCheck, SelfCheckResult
 
 from test_pipeline import TEXT
 
@@ -94,7 +94,8 @@ def calibrated(tmp_path_factory, tiny_lm):
 def test_self_check_of_the_full_cache_is_perfect_and_of_a_damaged_one_is_not(tiny_lm):
     pre = prefill_document(TEXT, tiny_lm)
     check = SelfCheck(pre)
-    assert {p.kind for p in check.probes} == {"reconstruction", "question"} and len(check.probes) == 8
+    assert {p.kind for p in check.probes} == {"reconstruction", "question"}
+    assert len(check.probes) == RECONSTRUCTION_PROBES + QUESTION_PROBES
     same = check.run(pre.cache)
     assert same.top1 == 1.0 and same.kld == pytest.approx(0.0, abs=1e-9)
     assert same.positions == sum(len(p.answer) for p in check.probes)
