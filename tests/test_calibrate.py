@@ -50,6 +50,15 @@ def test_search_finds_the_smallest_passing_file():
     assert len(set(seen)) == len(seen)
 
 
+def test_search_tries_fewer_bits_before_8_bits():
+    """8 bits only wins where 4 bits fail on the whole cache: a budget cut should fall on its trials, not on 3 or 2."""
+    trial, _ = synthetic({(8, 8): 0.2, (4, 4): 0.3, (3, 3): 0.4, (3, 2): 0.5, (2, 2): 0.6})
+    trials, _ = search(trial, lambda s: False)
+    widths = [(t.candidate.key_bits, t.candidate.bits) for t in trials]
+    assert (2, 2) in widths and (8, 8) in widths
+    assert widths.index((8, 8)) > max(i for i, w in enumerate(widths) if w != (8, 8))
+
+
 def test_search_stops_when_more_bits_already_failed():
     trial, seen = synthetic({})  # nothing passes anywhere
     trials, _ = search(trial, lambda s: False)
