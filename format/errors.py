@@ -36,3 +36,9 @@ class LimitError(KvcFormatError):
 
 class CodecError(KvcFormatError):
     """A stream's codec is unknown, or its payload does not decode to exactly the declared size."""
+
+
+class ExportError(Exception):
+    """A valid `.kvc` file that cannot be converted to the requested runtime's cache file (a pruned cache for a
+    runtime without gaps, a model the runtime file does not match, an unsupported architecture). Not a
+    `KvcFormatError`: the file itself is fine."""
