@@ -1,6 +1,7 @@
 """kvc_format: read and write `.kvc` KV-cache files with numpy alone (no torch, no transformers).
 
 Public surface: `load_file` (a whole cache as per-head numpy arrays) and `export_file` (the same as safetensors);
+`export_mlx` (an MLX-LM prompt-cache file);
 `KvcReader` to read layer by layer (`StoredLayer` per layer) and `KvcWriter` + `Stream` to write;
 `encode_positions` / `decode_positions` for the gap-coded kept positions of a pruned cache; `apply_rope` for keys
 stored without RoPE; `KvcFormatError` and its subclasses. `python -m kvc_format --help` for the command line.
@@ -20,6 +21,7 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .export import export_file, load_file
+from .mlx_cache import export_mlx
 from .positions import decode_positions, encode_positions
 from .reader import CacheGeometry, KvcReader, StoredArray, StoredLayer
 from .rope import apply_rope
@@ -49,5 +51,6 @@ __all__ = [
     "decode_positions",
     "encode_positions",
     "export_file",
+    "export_mlx",
     "load_file",
 ]

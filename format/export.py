@@ -62,12 +62,18 @@ def _heads(reader: KvcReader, stored: StoredLayer) -> list[tuple[np.ndarray, np.
                                                                            strict=True)]
 
 
-def iter_heads(reader: KvcReader) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(layer, head, keys, values, positions) for every layer and KV head in order, a batch of layers at a time;
+def iter_layer_heads(reader: KvcReader) -> Iterator[tuple[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]]:
+    """(layer, [(keys, values, positions) per KV head]) for every layer in order, a batch of layers at a time;
     keys and values float32 (n, head_dim) with RoPE applied, positions int32 (n,)."""
     _check_keys_recoverable(reader)
     for layer, stored in reader.iter_layers():
-        for head, (keys, values, positions) in enumerate(_heads(reader, stored)):
+        yield layer, _heads(reader, stored)
+
+
+def iter_heads(reader: KvcReader) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(layer, head, keys, values, positions) for every layer and KV head in order (see `iter_layer_heads`)."""
+    for layer, heads in iter_layer_heads(reader):
+        for head, (keys, values, positions) in enumerate(heads):
             yield layer, head, keys, values, positions
 
 
@@ -88,8 +94,17 @@ def metadata(reader: KvcReader) -> dict[str, str]:
             "kvc.header": json.dumps(reader.header, ensure_ascii=False)}
 
 
+def safetensors_header(entries: dict) -> bytes:
+    """The bytes a safetensors file starts with: the header's length (u64), then `entries` (tensor name → dtype, shape
+    and data_offsets; "__metadata__" → strings) as JSON, padded with spaces to a multiple of 8 bytes as safetensors
+    does."""
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def _safetensors_header(reader: KvcReader, dtype: str) -> bytes:
-    """The safetensors JSON header, from the per-head counts alone (before anything is dequantized)."""
+    """The safetensors header, from the per-head counts alone (before anything is dequantized)."""
     code, np_dtype = EXPORT_DTYPES[dtype]
     dim, entries, offset = reader.geometry.head_dim, {"__metadata__": metadata(reader)}, 0
     for layer in range(reader.geometry.layers):
@@ -100,8 +115,7 @@ def _safetensors_header(reader: KvcReader, dtype: str) -> bytes:
                                             ("positions", "I32", [n], 4 * n)):
                 entries[prefix + name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + size]}
                 offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    return text + b" " * (-len(text) % 8)  # safetensors pads its header with spaces to a multiple of 8
+    return safetensors_header(entries)
 
 
 def export_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
@@ -117,8 +131,8 @@ def export_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "fl
         header = _safetensors_header(reader, dtype)
         out = AtomicFile(dst)
         try:
-            out.file.write(struct.pack("<Q", len(header)) + header)
-            written, last = 8 + len(header), None
+            out.file.write(header)
+            written, last = len(header), None
             for layer, _, keys, values, positions in iter_heads(reader):
                 if on_layer is not None and last is not None and layer != last:
                     on_layer(last)

@@ -525,11 +525,15 @@ class KvcReader:
             out.append(quantized.UndecodedLayer(layer, arrays, items, exact, rows_q, positions))
         return out
 
-    def verify(self) -> None:
-        """Check padding, every section's checksum, that every stream decodes to its declared size, and positions."""
+    def check_padding(self) -> None:
+        """Check that the alignment padding around the sections is zero (no checksum covers it)."""
         for start, end in self._gaps:
             if any(self._read_at(start, end - start)):
                 raise LayoutError(f"padding bytes {start}..{end} are not zero")
+
+    def verify(self) -> None:
+        """Check padding, every section's checksum, that every stream decodes to its declared size, and positions."""
+        self.check_padding()
         for _ in self.iter_layers():
             pass
 

@@ -1,11 +1,13 @@
-"""Turn scores into kept entries: `ratio` of all (layer, KV head, position) entries, allocated three ways.
+"""Turn scores into kept entries: `ratio` of all (layer, KV head, position) entries, allocated four ways.
 
 - global: one threshold over every layer and head (KVzip's default), so layers and heads get unequal shares;
 - layer: the same share for every layer, a threshold per layer over its heads;
-- head: the same share for every (layer, head).
+- head: the same share for every (layer, head);
+- position: one set of positions, chosen from scores pooled over layers and heads, kept in every layer and head
+  (the only pruned layout a runtime with one cache cell per position, such as llama.cpp, can hold).
 The chat template around the document and the first `SINK_TOKENS` positions (attention sinks) are kept in every
 head, whatever they score; they are each head's floor, so no head is ever emptied. The number kept is exact:
-round(ratio × entries).
+round(ratio × entries), and for position round(ratio × tokens) positions in each of the layers × kv_heads rows.
 """
 
 import math
@@ -15,7 +17,7 @@ import torch
 from .document import PromptLayout
 from .errors import KvcError
 
-ALLOCATIONS = ("global", "layer", "head")
+ALLOCATIONS = ("global", "layer", "head", "position")
 SINK_TOKENS = 4
 
 
@@ -63,12 +65,29 @@ def check_allocation(allocation: str) -> None:
         raise KvcError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
 
 
+def _pool(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """scores (layers, kv_heads, tokens), protected (tokens,) → (tokens,) float64: for each document position, the
+    mean over (layer, head) of its entries' ranks among all the document's entries (0 at protected positions)."""
+    # Global ranks: scale-free for any scorer, lowest kld of 8 poolings (examples/results/position-allocation.md).
+    document = scores[..., ~protected]
+    ranks = torch.empty(document.numel(), dtype=torch.float64)
+    ranks[document.flatten().argsort(stable=True)] = torch.arange(document.numel(), dtype=torch.float64)
+    pooled = torch.zeros(scores.shape[-1], dtype=torch.float64)
+    pooled[~protected] = ranks.view(document.shape).mean(dim=(0, 1))
+    return pooled
+
+
 def allocate(scores: torch.Tensor, ratio: float, allocation: str, protected: torch.Tensor) -> torch.Tensor:
     """scores (layers, kv_heads, tokens), protected (tokens,) → keep mask (layers, kv_heads, tokens), bool."""
     check_allocation(allocation)
     layers, heads, tokens = scores.shape
-    budget = check_ratio(ratio, protected, layers * heads)
     s = torch.nan_to_num(scores.float(), nan=-math.inf).clone()
+    if allocation == "position":
+        budget = check_ratio(ratio, protected)  # in positions
+        pooled = _pool(s, protected)
+        pooled[protected] = math.inf
+        return _top(pooled[None], torch.tensor([budget])).expand(layers, heads, tokens).clone()
+    budget = check_ratio(ratio, protected, layers * heads)
     s[..., protected] = math.inf
     if allocation == "global":
         return _top(s.view(1, -1), torch.tensor([budget])).view(layers, heads, tokens)

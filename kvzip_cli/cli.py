@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from kvc_format import KvcFormatError, KvcReader
+from kvc_format import ExportError, KvcFormatError, KvcReader
 
 from . import __version__
 from .errors import KvcError
@@ -56,6 +56,7 @@ class Allocation(str, Enum):
     global_ = "global"
     layer = "layer"
     head = "head"
+    position = "position"
 
 
 def _fail(message: str, code: int = 1):
@@ -76,6 +77,8 @@ def cli_errors(command):
             _fail(str(exc))
         except KvcFormatError as exc:
             _fail(f"invalid .kvc file: {exc}")
+        except ExportError as exc:
+            _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
         except MemoryError:
@@ -141,8 +144,10 @@ def compress(
                                                       "baselines. (default: from --preset)")] = None,
     allocation: Annotated[Allocation | None, typer.Option(help="How the kept entries are spread: global (one "
                                                           "threshold over all layers and heads), layer or head "
-                                                          "(equal shares). Default: the scorer's own (global for "
-                                                          "kvzip and compactor, head for the baselines).")] = None,
+                                                          "(equal shares), position (one set of positions shared "
+                                                          "by every layer and head, the only pruned layout "
+                                                          "llama.cpp can hold). Default: the scorer's own (global "
+                                                          "for kvzip and compactor, head for the baselines).")] = None,
     bits: Annotated[int | None, typer.Option(help="16 (float16, or bfloat16 as computed) or 32 (float32, "
                                              "bit-exact) store floats; 8, 4, 3, 2 quantize: keys per channel "
                                              "(RoPE removed), values per token. (default: from --preset)")] = None,
@@ -421,42 +426,130 @@ class ExportDtype(str, Enum):
     float16 = "float16"
 
 
+class ExportTarget(str, Enum):
+    safetensors = "safetensors"
+    llama_cpp = "llama.cpp"
+    mlx = "mlx"
+
+
+class CacheType(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
+def _runtime_gguf(header: dict, gguf: Path | None) -> Path:
+    """The GGUF model llama.cpp will load: --gguf, else the one the .kvc's model was converted from, if known."""
+    if gguf is not None:
+        return gguf
+    name = str(header["model"].get("name") or "")
+    if name.endswith(".gguf") and Path(name).is_file():
+        return Path(name)
+    from .models import EMBEDDED, embedded_gguf
+
+    if name == EMBEDDED:
+        return embedded_gguf()
+    raise KvcError(f"--to llama.cpp needs --gguf: the GGUF file of {name or 'the model'} that llama.cpp will load")
+
+
+def _mlx_model(header: dict) -> str:
+    """What MLX-LM should load for the .kvc's model: the embedded model's converted folder, else its recorded name."""
+    name = str(header["model"].get("name") or "")
+    from .models import EMBEDDED, converted_folder, embedded_gguf
+
+    if name == EMBEDDED:
+        return str(converted_folder(embedded_gguf()))
+    return str(converted_folder(Path(name))) if name.endswith(".gguf") and Path(name).is_file() else name
+
+
 @app.command()
 @cli_errors
 def export(
     file: Annotated[Path, typer.Argument(help="The .kvc file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The safetensors file to write.")],
-    dtype: Annotated[ExportDtype, typer.Option(help="Element type of the exported keys and values.")] = (
-        ExportDtype.float32
-    ),
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write (atomically).")],
+    to: Annotated[ExportTarget, typer.Option(help="safetensors: per-head K/V and positions for any reader; "
+                                             "llama.cpp: a sequence-state file for llama_state_seq_load_file "
+                                             "(node-llama-cpp's loadStateFromFile); mlx: an MLX-LM prompt cache "
+                                             "for load_prompt_cache.")] = ExportTarget.safetensors,
+    dtype: Annotated[ExportDtype | None, typer.Option(help="safetensors and mlx: element type of the keys and "
+                                                      "values. (default: float32 for safetensors, float16 for mlx, "
+                                                      "what MLX models compute in)")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="llama.cpp: the GGUF model file the runtime loads; the .kvc is "
+                                              "checked against it. (default: the embedded model's GGUF, for files "
+                                              "made with it)")] = None,
+    cache_type: Annotated[CacheType, typer.Option(help="llama.cpp: the runtime context's K/V cache type (f16 is "
+                                                  "llama.cpp's default; q8_0 needs flash attention).")] = CacheType.f16,
+    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="llama.cpp: whether the runtime "
+                                             "context uses flash attention (its default on the CPU); without it "
+                                             "llama.cpp stores V transposed and refuses a file written for the "
+                                             "other setting.")] = True,
+    mlx_model: Annotated[str | None, typer.Option(help="mlx: the model folder or hub id MLX-LM loads, recorded in "
+                                                  "the file (mlx_lm.generate refuses another). (default: the "
+                                                  ".kvc's model; for the embedded model its converted folder)")] = None,
     json_output: JsonOption = False,
 ):
-    """Write a .kvc cache as a safetensors file, for runtimes that do not read .kvc (no model needed).
+    """Write a .kvc cache for another runtime (no model needed; every checksum is verified on the way, and the file
+    appears only once complete).
 
-    For every layer L and KV head H it holds `layers.L.heads.H.keys` and `.values` (kept entries x head_dim,
-    dequantized, keys with RoPE applied as the model cached them) and `.positions` (int32, the token position of
-    each row); its metadata carries the .kvc header as JSON (`kvc.header`: model fingerprint, prompt token ids).
-    Every checksum is verified on the way; the file appears only once complete.
+    **safetensors**: for every layer L and KV head H, `layers.L.heads.H.keys` and `.values` (kept entries x
+    head_dim, dequantized, keys with RoPE applied as the model cached them) and `.positions` (int32); the metadata
+    carries the .kvc header as JSON.
+
+    **llama.cpp**: the sequence state llama.cpp itself saves, for the llama.cpp in node-llama-cpp 3.21.1 (state
+    version 3). Dense files, and files pruned with `--allocation position` (llama.cpp keeps their gaps), export; a
+    file pruned per head cannot.
+
+    **mlx**: an MLX-LM prompt cache for `load_prompt_cache` (mlx-lm 0.32.2); dense files only, since MLX-LM's cache
+    has no gaps.
+
+    Ask questions with the .kvc's chat template around them: `--json` prints `question_prefix` and
+    `question_suffix`.
     """
-    from kvc_format import export_file
-
     from .paths import check_output
     from .progress import progress_bars
 
     check_output(output)
     with _open(file) as reader:
-        layers = reader.geometry.layers
+        layers, header = reader.geometry.layers, reader.header
+    result = {"file": str(file), "output": str(output), "to": to.value}
+    runtime_gguf = _runtime_gguf(header, gguf) if to is ExportTarget.llama_cpp else None
     started = time.perf_counter()
     with progress_bars(not json_output) as task:
         advance = task("export", layers)
-        written = export_file(file, output, dtype.value, on_layer=lambda layer: advance(1))
-    seconds = time.perf_counter() - started
+        if to is ExportTarget.llama_cpp:
+            from kvc_format.llama_cpp import export_llama_cpp
+
+            info = export_llama_cpp(file, output, runtime_gguf, cache_type=cache_type.value,
+                                    v_trans=not flash_attn, on_layer=lambda layer: advance(1))
+            written = info.bytes
+            result.update(runtime=info.runtime, state_version=info.state_version, cells=info.cells,
+                          tokens=info.tokens, cache_type=info.cache_type, v_trans=info.v_trans)
+        elif to is ExportTarget.mlx:
+            from kvc_format import export_mlx
+
+            element = (dtype or ExportDtype.float16).value
+            written = export_mlx(file, output, dtype=element, model=mlx_model or _mlx_model(header))
+            result.update(dtype=element, runtime="mlx-lm 0.32.2")
+        else:
+            from kvc_format import export_file
+
+            element = (dtype or ExportDtype.float32).value
+            written = export_file(file, output, element, on_layer=lambda layer: advance(1))
+            result.update(dtype=element)
+    prompt = header["prompt"]
+    result.update(bytes=written, seconds=round(time.perf_counter() - started, 3),
+                  question_prefix=prompt["question_prefix"], question_suffix=prompt["question_suffix"])
     if json_output:
-        _emit_json({"file": str(file), "output": str(output), "bytes": written, "dtype": dtype.value,
-                    "seconds": round(seconds, 3)})
+        _emit_json(result)
+    elif to is ExportTarget.llama_cpp:
+        gaps = "" if result["cells"] == result["tokens"] else f" (gaps: {result['tokens']:,} tokens)"
+        typer.echo(f"{output}: {_mb(written)}, {result['cells']:,} cells of {result['cache_type']} K/V{gaps}, "
+                   f"v_trans {int(result['v_trans'])}, for {result['runtime']} ({result['seconds']:.1f} s)")
+    elif to is ExportTarget.mlx:
+        typer.echo(f"{output}: {_mb(written)} MLX-LM prompt cache of {result['dtype']} K/V for {layers} layers "
+                   f"({result['seconds']:.1f} s)")
     else:
-        typer.echo(f"{output}: {_mb(written)} of {dtype.value} K/V and positions for {layers} layers "
-                   f"({seconds:.1f} s)")
+        typer.echo(f"{output}: {_mb(written)} of {result['dtype']} K/V and positions for {layers} layers "
+                   f"({result['seconds']:.1f} s)")
 
 
 @app.command()

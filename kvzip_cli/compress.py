@@ -358,9 +358,10 @@ def compress_text(
     """Prefill `text` as a reusable prompt prefix and store its KV cache in `output`.
 
     `preset` ("lossless", "balanced", "small") sets ratio, scorer, bits and codec; any of them given here wins.
-    With `ratio` < 1, `scorer` rates every entry without knowing any question and `allocation` ("global", "layer"
-    or "head"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads. `bits` 8, 4,
-    3 or 2 quantize (keys per channel, values per token), `codec` "ans" entropy-codes the quantized symbols.
+    With `ratio` < 1, `scorer` rates every entry without knowing any question and `allocation` ("global", "layer",
+    "head" or "position"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads
+    ("position": the same positions in all of them). `bits` 8, 4, 3 or 2 quantize (keys per channel, values per
+    token), `codec` "ans" entropy-codes the quantized symbols.
 
     With a `target` (kvzip_cli.calibrate.Target), the ratio and bits are searched for instead: the smallest file
     whose self-check meets the target, within `budget` prefills of search time; `preset`, `ratio`, `bits`,

@@ -1,4 +1,5 @@
-"""Model identity recorded in every `.kvc`: geometry, a tokenizer digest and a sampled weight digest.
+"""Model identity recorded in every `.kvc`: geometry, a tokenizer digest and a sampled weight digest; beside them the
+vocabulary digest (`vocab`) that a runtime's own model file (a GGUF for llama.cpp) is checked against at export.
 
 The weight digest hashes up to `SAMPLES_PER_TENSOR` evenly spaced elements of every parameter, rounded to
 bfloat16, so the same checkpoint gives the same digest whether it is loaded in float32 or bfloat16, on CPU or
@@ -11,6 +12,8 @@ import weakref
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvc_format.gguf import vocab_digest
 
 SAMPLES_PER_TENSOR = 1024
 IDENTITY_KEYS = (
@@ -73,12 +76,19 @@ def weight_digest(model: PreTrainedModel) -> str:
     return h.hexdigest()
 
 
-def _cached_tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+def vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dict:
+    """The token strings of ids 0..count-1 (count: the model's rows that the tokenizer names), as a digest."""
+    count = min(vocab_size, len(tokenizer))
+    return {"count": count, "sha256": vocab_digest(tokenizer.convert_ids_to_tokens(list(range(count))))}
+
+
+def _cached_tokenizer_fields(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dict:
     # Recomputed when the vocabulary size or the chat template changes (tokens added, template set).
-    key = (len(tokenizer), tokenizer.chat_template)
+    key = (len(tokenizer), tokenizer.chat_template, vocab_size)
     cached = _tokenizer_cache.get(tokenizer)
     if cached is None or cached[0] != key:
-        cached = _tokenizer_cache[tokenizer] = (key, tokenizer_digest(tokenizer))
+        fields = {"tokenizer_digest": tokenizer_digest(tokenizer), "vocab": vocabulary(tokenizer, vocab_size)}
+        cached = _tokenizer_cache[tokenizer] = (key, fields)
     return cached[1]
 
 
@@ -86,7 +96,7 @@ def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> d
     """Identity of (model, tokenizer); computed once per model object and tokenizer object."""
     if model not in _cache:
         _cache[model] = {**geometry(model), "weight_digest": weight_digest(model)}
-    return {**_cache[model], "tokenizer_digest": _cached_tokenizer_digest(tokenizer)}
+    return {**_cache[model], **_cached_tokenizer_fields(tokenizer, _cache[model]["vocab_size"])}
 
 
 def differences(recorded: dict, actual: dict) -> list[str]:

@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .devices import resolve_device, resolve_dtype
@@ -29,6 +31,22 @@ HUB_ALIASES = {
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
 }
 HUB_HOST = "huggingface.co"
+
+# Part of a converted folder's name: bump it when the conversion changes, so folders made before are made again.
+# 2: the tokenizer and config files are rewritten from the GGUF's own metadata (`_clean_folder`).
+CONVERSION_VERSION = 2
+# tokenizer_config.json key → the GGUF metadata it comes from (a token id, or a flag)
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+GGUF_TOKENIZER_FLAGS = {
+    "add_bos_token": "tokenizer.ggml.add_bos_token",
+    "add_eos_token": "tokenizer.ggml.add_eos_token",
+    "add_prefix_space": "tokenizer.ggml.add_space_prefix",
+}
 
 
 @contextlib.contextmanager
@@ -74,10 +92,75 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _gguf_tokenizer_metadata(gguf: Path) -> tuple[int, dict[str, tuple[str, int]], dict[str, bool]]:
+    """The GGUF's vocabulary size, the special tokens it names (tokenizer_config.json key → (token, id)) and the
+    tokenizer flags it declares (tokenizer_config.json key → value)."""
+    fields = GGUFReader(gguf).fields
+
+    def scalar(name: str):
+        field = fields[name]
+        return field.parts[field.data[0]][0].item()
+
+    tokens = fields["tokenizer.ggml.tokens"]
+    count = len(tokens.data)
+    special = {key: (bytes(tokens.parts[tokens.data[scalar(name)]]).decode(), scalar(name))
+               for key, name in GGUF_SPECIAL_TOKENS.items() if name in fields and 0 <= scalar(name) < count}
+    flags = {key: bool(scalar(name)) for key, name in GGUF_TOKENIZER_FLAGS.items() if name in fields}
+    return count, special, flags
+
+
+def _post_processor(special: dict[str, tuple[str, int]], flags: dict[str, bool]) -> dict:
+    """A tokenizers TemplateProcessing that adds BOS and EOS as the GGUF's add_bos_token and add_eos_token say (what
+    transformers' own `update_post_processor` builds)."""
+    bos = special.get("bos_token") if flags.get("add_bos_token") else None
+    eos = special.get("eos_token") if flags.get("add_eos_token") else None
+
+    def sequence(name: str, type_id: int) -> list[dict]:
+        items = [{"Sequence": {"id": name, "type_id": type_id}}]
+        if bos:
+            items.insert(0, {"SpecialToken": {"id": bos[0], "type_id": type_id}})
+        if eos:
+            items.append({"SpecialToken": {"id": eos[0], "type_id": type_id}})
+        return items
+
+    return {"type": "TemplateProcessing", "single": sequence("A", 0), "pair": sequence("A", 0) + sequence("B", 1),
+            "special_tokens": {t[0]: {"id": t[0], "ids": [t[1]], "tokens": [t[0]]} for t in (bos, eos) if t}}
+
+
+def _clean_folder(folder: Path, gguf: Path) -> None:
+    """Rewrite what transformers' GGUF conversion gets wrong for other readers (MLX-LM, older transformers), from the
+    GGUF's own metadata: its tokenizer_config.json names whatever tokenizer class the architecture maps to (for a
+    LLaMA-architecture GGUF, CodeLlamaTokenizer, whose infill tokens it adds beyond the model's vocabulary), takes
+    EOS to be the BOS token and asks for a prefix space; its tokenizer.json adds BOS even when the GGUF says not to;
+    its config.json holds RoPE's base only in `rope_parameters`, where readers of transformers 4 configs do not look.
+
+    tokenizer.json keeps its vocabulary, merges, normalizer and pre-tokenizer (what transformers built from the GGUF;
+    they decide the token ids), so the class named is the generic PreTrainedTokenizerFast, which uses them as they
+    are: a specific class may rebuild its own pre-tokenizer (transformers 5.24's GPT2Tokenizer does)."""
+    count, special, flags = _gguf_tokenizer_metadata(gguf)
+    tokenizer_file = folder / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < count]
+    if "add_bos_token" in flags or "add_eos_token" in flags:
+        tokenizer["post_processor"] = _post_processor(special, flags)
+    tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                **{key: token for key, (token, _) in special.items()}, **flags}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def converted_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a transformers model folder under `cache_dir()`, reused afterwards."""
+    """Dequantize a GGUF file once into a Hugging Face model folder under `cache_dir()`, reused afterwards."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    source = f"{CONVERSION_VERSION}:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
@@ -90,6 +173,7 @@ def converted_folder(gguf: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _clean_folder(tmp, gguf)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process converted it first

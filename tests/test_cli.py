@@ -63,7 +63,8 @@ def test_compress_text_summary_and_stdin(tmp_path, tiny_folder, short_doc):
     assert out.exists()
 
 
-@pytest.mark.parametrize("scorer,allocation", [("kvzip", "global"), ("compactor", "layer"), ("knorm", "head")])
+@pytest.mark.parametrize("scorer,allocation", [("kvzip", "global"), ("compactor", "layer"), ("knorm", "head"),
+                                               ("knorm", "position")])
 def test_pruned_file_through_every_command(tmp_path, tiny_folder, short_doc, scorer, allocation):
     out = tmp_path / "p.kvc"
     made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--preset", "lossless", "--ratio", "0.4",
@@ -78,6 +79,9 @@ def test_pruned_file_through_every_command(tmp_path, tiny_folder, short_doc, sco
     per_layer = [layer["kept_ratio"] for layer in info["layers"]]
     if allocation == "layer":
         assert per_layer == pytest.approx([0.4] * 3, abs=1e-3)
+    if allocation == "position":  # the same positions in every layer and head
+        assert per_layer == [info["kept_ratio"]] * 3
+        assert info["kept_ratio"] == round(0.4 * info["tokens"]) / info["tokens"]
     assert "per layer" in run("inspect", out).stdout
     assert json.loads(run("verify", out, "--json").stdout)["ok"] is True
     answer = run("load", out, "--prompt", "What is licensed?", "--max-new-tokens", "4", "--json")

@@ -1,5 +1,8 @@
-"""Resolving --model: aliases, folders, .gguf files and hub ids, with one-line errors when unusable."""
+"""Resolving --model: aliases, folders, .gguf files and hub ids, with one-line errors when unusable; the folder a GGUF
+converts to."""
 
+import copy
+import json
 import time
 
 import pytest
@@ -7,6 +10,8 @@ import pytest
 from kvzip_cli import KvcError
 from kvzip_cli.devices import resolve_device, resolve_dtype
 from kvzip_cli.models import load_model, resolve
+
+from conftest import DOCS
 
 
 def test_unknown_model(tmp_path):
@@ -52,3 +57,56 @@ def test_devices_and_dtypes():
     if not torch.cuda.is_available():
         with pytest.raises(KvcError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_a_converted_folder_is_rewritten_from_the_gguf_metadata(tmp_path, tiny_tokenizer):
+    """The files as transformers' GGUF conversion wrote them for SmolLM2 (a CodeLlama tokenizer_config with EOS = BOS,
+    a prefix space and infill tokens added past the model's vocabulary, BOS added to every encoding, RoPE's base only
+    in rope_parameters) become what the GGUF says; the token ids of a text do not change."""
+    from gguf import GGUFWriter
+    from tokenizers import processors
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+    from kvzip_cli.models import _clean_folder
+
+    vocab = tiny_tokenizer.convert_ids_to_tokens(list(range(len(tiny_tokenizer))))
+    gguf = tmp_path / "m.gguf"
+    writer = GGUFWriter(gguf, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(vocab)
+    for add, token_id in ((writer.add_unk_token_id, 0), (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2),
+                          (writer.add_pad_token_id, 2)):
+        add(token_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    folder = tmp_path / "folder"
+    converted = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tiny_tokenizer.backend_tokenizer),
+                                        bos_token="<|im_start|>", eos_token="<|im_start|>", unk_token="<|endoftext|>",
+                                        extra_special_tokens=["▁<PRE>", "▁<MID>"])
+    converted.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", 1)])
+    converted.save_pretrained(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "CodeLlamaTokenizer",
+                                                              "add_prefix_space": True}))
+    config = {"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    text = DOCS.joinpath("apache-2.0.txt").read_text()[:2000]
+    before = AutoTokenizer.from_pretrained(folder)
+    assert len(before) == len(vocab) + 2 and before("x").input_ids[0] == 1
+
+    _clean_folder(folder, gguf)
+    after = AutoTokenizer.from_pretrained(folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert len(after) == len(vocab)
+    assert (after.bos_token, after.eos_token, after.pad_token, after.unk_token) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    assert after(text).input_ids == after(text, add_special_tokens=False).input_ids
+    assert after(text, add_special_tokens=False).input_ids == before(text, add_special_tokens=False).input_ids
+    assert json.loads((folder / "config.json").read_text())["rope_theta"] == 100000.0
+    assert AutoConfig.from_pretrained(folder).rope_parameters == config["rope_parameters"]

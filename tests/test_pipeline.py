@@ -204,14 +204,19 @@ def test_exactness_check_detects_a_wrong_cache(tmp_path, tiny):
 
 
 def test_tokenizer_digest_is_reused_until_the_tokenizer_changes():
-    from kvzip_cli.fingerprint import _cached_tokenizer_digest, tokenizer_digest
+    from kvzip_cli.fingerprint import _cached_tokenizer_fields, tokenizer_digest
 
     from conftest import _train_tokenizer
 
+    def digest(tokenizer):
+        return _cached_tokenizer_fields(tokenizer, 1024)["tokenizer_digest"]
+
     tokenizer = _train_tokenizer()
-    first = _cached_tokenizer_digest(tokenizer)
-    assert first == tokenizer_digest(tokenizer) == _cached_tokenizer_digest(tokenizer)
+    first = digest(tokenizer)
+    assert first == tokenizer_digest(tokenizer) == digest(tokenizer)
+    vocab = _cached_tokenizer_fields(tokenizer, 1024)["vocab"]
     tokenizer.add_tokens(["<kvc-new-token>"])
-    assert _cached_tokenizer_digest(tokenizer) == tokenizer_digest(tokenizer) != first
+    assert digest(tokenizer) == tokenizer_digest(tokenizer) != first
+    assert _cached_tokenizer_fields(tokenizer, 1024)["vocab"]["count"] == vocab["count"] + 1
     tokenizer.chat_template = "{{ messages }}"
-    assert _cached_tokenizer_digest(tokenizer) == tokenizer_digest(tokenizer)
+    assert digest(tokenizer) == tokenizer_digest(tokenizer)

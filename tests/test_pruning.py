@@ -120,7 +120,9 @@ def test_budgets_are_exact_and_keep_the_template(scored, allocation, ratio):
     s = scored["kvzip"]
     keep = allocate(s.scores, ratio, allocation, s.protected)
     layers, heads, tokens = keep.shape
-    assert keep.sum() == round(ratio * keep.numel())
+    # position keeps whole positions: round(ratio × tokens) of them, in every (layer, head)
+    kept = round(ratio * tokens) * layers * heads if allocation == "position" else round(ratio * keep.numel())
+    assert keep.sum() == kept
     assert keep[..., s.protected].all()  # template and sinks, in every head
     assert keep[..., :SINK_TOKENS].all()
     per_head = keep.sum(-1).flatten()
@@ -183,13 +185,17 @@ def _logits_with_head_mask(model, ids: list[int], context: int, keep: torch.Tens
             h.remove()
 
 
-@pytest.mark.parametrize("everything", [True, False])
-def test_pruned_file_attends_exactly_to_the_kept_entries(tmp_path, prefilled, scored, everything):
+@pytest.mark.parametrize("allocation", [None, *ALLOCATIONS])
+def test_pruned_file_attends_exactly_to_the_kept_entries(tmp_path, prefilled, scored, allocation):
     """Through the file: pruned layout → load → logits equal a full forward that masks exactly the dropped
-    entries per head (and, keeping everything, equal the dense cache's)."""
+    entries per head; allocation None keeps every entry, and then the logits equal the dense cache's."""
     pre, lm = prefilled, prefilled.lm
-    keep = torch.ones_like(scored["kvzip"].keep(0.5).keep) if everything else scored["kvzip"].keep(0.5).keep
-    pruning = Pruning(keep, "kvzip", "global", 1.0 if everything else 0.5, 0.0)
+    everything = allocation is None
+    if everything:
+        pruning = Pruning(torch.ones_like(scored["kvzip"].scores, dtype=torch.bool), "kvzip", "global", 1.0, 0.0)
+    else:
+        pruning = scored["kvzip"].keep(0.5, allocation)
+    keep = pruning.keep
     write_kvc(pre, tmp_path / "p.kvc", codec="zstd", bits=32, pruning=pruning)
     with kvc_attention_in(lm.model):
         kv = load(tmp_path / "p.kvc", lm)
