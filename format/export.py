@@ -66,6 +66,7 @@ def iter_layer_heads(reader: KvcReader) -> Iterator[tuple[int, list[tuple[np.nda
     """(layer, [(keys, values, positions) per KV head]) for every layer in order, a batch of layers at a time;
     keys and values float32 (n, head_dim) with RoPE applied, positions int32 (n,)."""
     _check_keys_recoverable(reader)
+    reader.check_padding()  # as `verify` does: no checksum covers the padding
     for layer, stored in reader.iter_layers():
         yield layer, _heads(reader, stored)
 

@@ -88,7 +88,6 @@ def export_mlx(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
     np_dtype = EXPORT_DTYPES[dtype][1]
     with KvcReader(src) as reader:
         _check_dense(reader)
-        reader.check_padding()
         g = reader.geometry
         user = {"model": model if model is not None else str(reader.header["model"].get("name", "")),
                 "tokenizer_config": json.dumps(DEFAULT_TOKENIZER_CONFIG if tokenizer_config is None

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvzip_cli.document import common_prefix
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 EPS = 1e-10
@@ -54,15 +56,6 @@ def run_node(gguf: Path, prompt: dict, question: str, states: dict[str, Path], o
     (out / "request.json").write_text(json.dumps(request))
     return subprocess.run(["node", str(HERE / "llama_cpp_answer.mjs"), str(out / "request.json"), str(out)],
                           capture_output=True, text=True, cwd=HERE)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def probabilities(out: Path, name: str) -> np.ndarray:
