@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kvc_format.quant import quantize_keys, quantize_values_uniform
-from kvzip_cli.compress import key_step, prefill_document, value_step
+from kvzip_cli.cache_file import key_step, prefill_document, value_step
 from kvzip_cli.models import load_model
 from kvzip_cli.rope import rope_tables, unrotate
 

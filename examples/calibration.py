@@ -30,8 +30,8 @@ from kvzip_cli.attention import kvc_attention_in
 from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
 from kvzip_cli.bench.metrics import FidelityTotals
 from kvzip_cli.bench.probes import read_probes
+from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.calibrate import Candidate, Target, calibrate
-from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.load import load
 from kvzip_cli.models import load_model
 from kvzip_cli.pruning import score_context

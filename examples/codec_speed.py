@@ -22,7 +22,7 @@ import numpy as np
 
 from kvc_format import KvcReader, rans
 from kvc_format.quantized import from_lanes, lane_layout, split_exact
-from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
+from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.models import load_model
 from kvzip_cli.pruning import score_context
 

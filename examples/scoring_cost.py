@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from kvzip_cli.cache import cache_bytes
-from kvzip_cli.compress import prefill_document
+from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.models import load_model
 from kvzip_cli.pruning import score_context
 

@@ -186,8 +186,11 @@ def _rope_inv_freq(cache: dict, head_dim: int, version: tuple[int, int]) -> tupl
     if "rope_inv_freq" not in cache and version < (1, 3):
         return None  # 1.2 files did not record the frequencies
     freqs = _field(cache, "rope_inv_freq", list, "header.cache")
-    if len(freqs) != head_dim // 2 or not all(type(f) is float and 0 < f <= 1 for f in freqs):
-        raise MetadataError(f"header.cache.rope_inv_freq must hold {head_dim // 2} floats in (0, 1]")
+    # From 1.4 RoPE may turn only the first 2 × len(freqs) channels (partial rotary); before, the whole head.
+    counts = f"1 to {head_dim // 2}" if version >= (1, 4) else str(head_dim // 2)
+    count_ok = 1 <= len(freqs) <= head_dim // 2 if version >= (1, 4) else len(freqs) == head_dim // 2
+    if not count_ok or not all(type(f) is float and 0 < f <= 1 for f in freqs):
+        raise MetadataError(f"header.cache.rope_inv_freq must hold {counts} floats in (0, 1]")
     return tuple(freqs)
 
 

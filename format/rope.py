@@ -9,10 +9,11 @@ def apply_rope(keys: np.ndarray, positions: np.ndarray, inv_freq: Sequence[float
     """keys (rows, head_dim) float32 stored without RoPE, positions (rows,) → the keys the model cached, float32.
 
     Angles are float32(position) × float32(frequency) in float32, as the writer's model computed them; RoPE acts
-    on the halves of the head (the rotate-half convention)."""
+    on the halves of the first 2 × len(inv_freq) channels (the rotate-half convention; fewer than head_dim for
+    partial rotary, the other channels carry no rotation)."""
     freqs = np.asarray(inv_freq, dtype=np.float32)
     angles = np.asarray(positions).astype(np.float32)[:, None] * freqs[None, :]
     cos, sin = np.cos(angles), np.sin(angles)
     half = freqs.size
-    first, second = keys[:, :half], keys[:, half:]
-    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=1).astype(np.float32)
+    first, second, rest = keys[:, :half], keys[:, half : 2 * half], keys[:, 2 * half :]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin, rest], axis=1).astype(np.float32)

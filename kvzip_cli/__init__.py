@@ -7,23 +7,47 @@
 >>> out = lm.model.generate(kv.prompt_ids(lm.tokenizer, "Who may copy it?"), past_key_values=kv.cache)
 """
 
-__version__ = "0.5.0"
+import importlib
+import sys
+import types
 
-from .compress import CompressResult, compress, compress_text  # noqa: E402
-from .errors import KvcError  # noqa: E402
-from .load import Answer, LoadedKV, ask, load  # noqa: E402
-from .models import LoadedModel, load_model  # noqa: E402
+__version__ = "0.6.0"
 
-__all__ = [
-    "Answer",
-    "CompressResult",
-    "KvcError",
-    "LoadedKV",
-    "LoadedModel",
-    "__version__",
-    "ask",
-    "compress",
-    "compress_text",
-    "load",
-    "load_model",
-]
+from .errors import KvcError, UsageError  # noqa: E402
+
+# The public names that need torch and transformers are imported on first use, so that the commands which need no
+# model (`kvc verify`, `inspect`, `export`, `version`, `models`) start in a fraction of a second.
+_LAZY = {
+    "CompressResult": "compress",
+    "compress": "compress",
+    "compress_text": "compress",
+    "Answer": "load",
+    "LoadedKV": "load",
+    "ask": "load",
+    "load": "load",
+    "LoadedModel": "models",
+    "load_model": "models",
+}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # The submodules `compress` and `load` share their names with public functions: importing them (which sets
+        # the package attribute) must not hide the functions.
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["KvcError", "UsageError", "__version__", *_LAZY]

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .document import PromptLayout
-from .errors import KvcError
+from .errors import KvcError, UsageError
 
 ALLOCATIONS = ("global", "layer", "head", "position")
 SINK_TOKENS = 4
@@ -47,7 +47,7 @@ def _top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 def check_ratio(ratio: float, protected: torch.Tensor, entries_per_token: int = 1) -> int:
     """The number of entries `ratio` keeps of `entries_per_token` × tokens; refuses a ratio below the floor."""
     if not 0 < ratio <= 1:
-        raise KvcError(f"ratio {ratio} is out of range: it is the kept fraction, 0 < ratio <= 1")
+        raise UsageError(f"ratio {ratio} is out of range: it is the kept fraction, 0 < ratio <= 1")
     entries = entries_per_token * len(protected)
     budget = round(ratio * entries)
     floor = int(protected.sum()) * entries_per_token
@@ -62,7 +62,7 @@ def check_ratio(ratio: float, protected: torch.Tensor, entries_per_token: int = 
 
 def check_allocation(allocation: str) -> None:
     if allocation not in ALLOCATIONS:
-        raise KvcError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        raise UsageError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
 
 
 def _pool(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .attention import kvc_attention_in
 from .budget import protected_positions
-from .compress import CompressResult, Prefilled, QuantOptions, write_kvc
-from .errors import KvcError
+from .cache_file import CompressResult, Prefilled, QuantOptions, write_kvc
+from .errors import KvcError, UsageError
 from .load import load
 from .progress import TaskFactory, silent_task
 from .pruning import Pruning, Scored
@@ -47,11 +47,11 @@ class Target:
 
     def check(self) -> None:
         if self.top1 is None and self.kld is None:
-            raise KvcError("give --target-top1 or --target-kld")
+            raise UsageError("give --target-top1 or --target-kld")
         if self.top1 is not None and not 0 < self.top1 <= 1:
-            raise KvcError(f"--target-top1 {self.top1} is out of range: it is a fraction, 0 < top1 <= 1")
+            raise UsageError(f"--target-top1 {self.top1} is out of range: it is a fraction, 0 < top1 <= 1")
         if self.kld is not None and not self.kld > 0:
-            raise KvcError(f"--target-kld {self.kld} is out of range: it must be > 0 (nats per token)")
+            raise UsageError(f"--target-kld {self.kld} is out of range: it must be > 0 (nats per token)")
 
     def met(self, result: SelfCheckResult) -> bool:
         return (self.top1 is None or result.top1 >= self.top1) and (self.kld is None or result.kld <= self.kld)
@@ -155,7 +155,7 @@ def calibrate(pre: Prefilled, scored: Scored, target: Target, output: Path, *, b
 
 def check_budget(budget: float) -> None:
     if not budget > 0:
-        raise KvcError(f"--budget {budget:g} must be > 0 (prefills of search time)")
+        raise UsageError(f"--budget {budget:g} must be > 0 (prefills of search time)")
 
 
 def search(trial: Callable[[Candidate], Trial], out_of_time: Callable[[float], bool],

@@ -15,10 +15,9 @@ import typer
 from kvc_format import ExportError, KvcFormatError, KvcReader
 
 from . import __version__
-from .errors import KvcError
+from .errors import KvcError, UsageError
 
 app = typer.Typer(
-    help="Compress a long document into a small, reusable KV cache (.kvc) and answer questions from it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -59,6 +58,23 @@ class Allocation(str, Enum):
     position = "position"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print kvc's version and exit.")] = False):
+    """Compress a long document into a small, reusable KV cache (.kvc) and answer questions from it.
+
+    Exit codes: 0 success; 1 bad input or a failure (a missing or corrupt file, the wrong model, an unreadable
+    document), with one `error: ...` line on stderr; 2 a usage error (an unknown option, or an option value out of
+    range or in conflict with another), whatever the files.
+    """
+
+
 def _fail(message: str, code: int = 1):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -73,6 +89,8 @@ def cli_errors(command):
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except UsageError as exc:
+            _fail(str(exc), 2)
         except KvcError as exc:
             _fail(str(exc))
         except KvcFormatError as exc:
@@ -117,8 +135,9 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Alias (smollm2 = embedded SmolLM2-135M-Instruct, no network; qwen2, llama, ...), hub id, "
-        "local model folder, or .gguf file.",
+        help="Alias (smollm2 = embedded SmolLM2-135M-Instruct, no network; qwen2, qwen3, llama, ...), hub id, "
+        "local model folder, or .gguf file, of a tested family: Llama, Qwen2, Qwen3, Mistral, Gemma 2 and 3, "
+        "Phi-3, GPT-NeoX, OLMo 2, Granite (`kvc models` lists them).",
     ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -132,9 +151,10 @@ def compress(
     output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically).")],
     model: ModelOption = "smollm2",
     preset: Annotated[PresetName | None, typer.Option(
-        help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller); balanced: 30% of entries (KVzip), 3-bit, "
-             "entropy-coded (~20x); small: 12% of entries, 3-bit keys, 2-bit values (~50x). --ratio, --scorer, "
-             "--bits, --codec override it. (default: balanced)")] = None,
+        help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller; bit-exact for a model computing in 16 "
+             "bits, float16 rounding of a CPU's float32 KV, where --bits 32 is bit-exact); balanced: 30% of "
+             "entries (KVzip), 3-bit, entropy-coded (~18x); small: 12% of entries, 3-bit keys, 2-bit values "
+             "(~47x). --ratio, --scorer, --bits, --codec override it. (default: balanced)")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
                                               "--scorer decides which entries stay, without knowing any "
                                               "question. (default: from --preset)")] = None,
@@ -187,8 +207,8 @@ def compress(
     self-check meets the target (within --budget prefills of extra time); the file records the target, the
     chosen settings and the self-check figures (`kvc inspect` shows them).
     """
+    from .cache_file import QuantOptions
     from .calibrate import Target
-    from .compress import QuantOptions
     from .compress import compress as run_compress
 
     wants_target = target_top1 is not None or target_kld is not None
@@ -254,14 +274,54 @@ def _calibration_line(calibration: dict) -> str:
             f"{cost}{budget}")
 
 
+def _questions(prompts: list[str] | None, questions: Path | None) -> list[str]:
+    """Every --prompt in order, then every line of --questions but blank ones and # comments."""
+    asked = list(prompts or [])
+    if questions is not None:
+        from .document import read_document
+
+        lines = (line.strip() for line in read_document(str(questions)).splitlines())
+        asked += [line for line in lines if line and not line.startswith("#")]
+        if not asked:
+            raise KvcError(f"{questions} holds no question (one per line)")
+    for question in asked:
+        if not question.strip():
+            raise UsageError("--prompt is empty: give a question")
+    return asked
+
+
+def _load_line(result: dict) -> str:
+    """What was loaded and how long it took, against which prefill (measured here, or recorded at compress)."""
+    kept = f" ({result['kept_ratio']:.0%} kept, {_mb(result['cache_bytes'])} in memory)"
+    line = f"loaded {result['tokens']:,} tokens of KV{kept} in {result['load_seconds']:.2f} s"
+    if result["prefill_here_seconds"] is not None:
+        return (f"{line}; prefilling the document here took {result['prefill_here_seconds']:.2f} s: the cache was "
+                f"ready {result['speedup']:.0f}x sooner")
+    recorded = result["prefill_seconds"]
+    if recorded is None:
+        return line
+    where = f" on {result['prefill_device']}" if result["prefill_device"] else ""
+    return (f"{line} (the prefill took {recorded:.2f} s{where} when the file was made, maybe on another machine; "
+            "--measure-prefill times it here)")
+
+
 @app.command()
 @cli_errors
 def load(
     file: Annotated[Path, typer.Argument(help="The .kvc file.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to load into (default: the one "
                                               "recorded in the file).")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Question to answer from the cache.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Longest answer, in tokens.")] = 64,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Question to answer from the cache; "
+                                                     "repeat it to ask several, each from the same loaded cache "
+                                                     "(reset between them).")] = None,
+    questions: Annotated[Path | None, typer.Option(help="File of questions, one per line (# starts a comment "
+                                                   "line), asked after any --prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Longest answer, in tokens; an answer cut "
+                                                "there is marked (--json: \"stopped\": \"length\").")] = 64,
+    measure_prefill: Annotated[bool, typer.Option("--measure-prefill", help="Also prefill the document here, to "
+                                                  "compare the load with what answering without kvc costs on this "
+                                                  "machine (otherwise the prefill time recorded when the file was "
+                                                  "made is shown, from whatever machine made it).")] = False,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
                                        "float16, float32.")] = "auto",
@@ -270,16 +330,19 @@ def load(
                                          "triton (GPU kernels).")] = Decoder.auto,
     json_output: JsonOption = False,
 ):
-    """Load a .kvc into its model and answer --prompt greedily, without re-reading the document.
+    """Load a .kvc into its model and answer each --prompt greedily, without re-reading the document.
 
-    Without --prompt it verifies the file against the model and times the load.
+    Without a question it verifies the file against the model and times the load. With --json, `answers` lists
+    every question's answer in order; `answer`, `stopped` and `generate_seconds` are the first question's.
     """
     from .devices import resolve_device
     from .load import ask, choose_decoder
     from .load import load as run_load
+    from .load import measure_prefill as run_prefill
     from .models import load_model
     from .progress import progress_bars
 
+    asked = _questions(prompt, questions)
     with _open(file) as reader:
         header = reader.header
     choose_decoder(decoder.value, resolve_device(device))  # refuse before the model loads
@@ -289,7 +352,9 @@ def load(
     model_seconds = time.perf_counter() - t0
     with progress_bars(not json_output) as task:
         kv = run_load(file, lm, task=task, decoder=decoder.value)
-    prefill_seconds = header.get("timings", {}).get("prefill_seconds")
+        prefill_here = (run_prefill(lm.model, kv, header.get("settings", {}).get("chunk_size") or 512, task)
+                        if measure_prefill else None)
+    timings = header.get("timings", {})
     result = {
         "file": str(file),
         "model": model_name,
@@ -298,30 +363,46 @@ def load(
         "cache_bytes": kv.cache_bytes(),
         "load_seconds": kv.load_seconds,
         "decoder": kv.decoder,
-        "prefill_seconds": prefill_seconds,
+        "prefill_seconds": timings.get("prefill_seconds"),
+        "prefill_device": timings.get("device"),
+        "prefill_here_seconds": prefill_here,
+        "speedup": prefill_here / kv.load_seconds if prefill_here is not None else None,
         "model_load_seconds": model_seconds,
         "answer": None,
+        "stopped": None,
         "generate_seconds": None,
+        "answers": [],
     }
-    if prompt is not None:
-        answer = ask(lm.model, lm.tokenizer, kv, prompt, max_new_tokens)
-        result.update(answer=answer.text, generate_seconds=answer.seconds, answer_tokens=len(answer.token_ids))
+    for question in asked:
+        answer = ask(lm.model, lm.tokenizer, kv, question, max_new_tokens)
+        result["answers"].append({"question": question, "answer": answer.text, "stopped": answer.stopped,
+                                  "answer_tokens": len(answer.token_ids), "generate_seconds": answer.seconds})
+        if not json_output:
+            _print_answer(question, answer, max_new_tokens, several=len(asked) > 1)
+    if asked:
+        first = result["answers"][0]
+        result.update(answer=first["answer"], stopped=first["stopped"], generate_seconds=first["generate_seconds"],
+                      answer_tokens=first["answer_tokens"])
     if json_output:
         _emit_json(result)
         return
-    if prompt is not None:
-        typer.echo(result["answer"])
-        typer.echo("")
-    speedup = f", {prefill_seconds / kv.load_seconds:.0f}x faster" if prefill_seconds else ""
-    kept = f" ({result['kept_ratio']:.0%} kept, {_mb(result['cache_bytes'])} in memory)"
-    typer.echo(f"loaded {result['tokens']:,} tokens of KV{kept} in {kv.load_seconds:.2f} s "
-               f"(prefill when the file was made: {prefill_seconds:.2f} s{speedup})")
-    if prompt is not None:
-        typer.echo(f"answered in {result['generate_seconds']:.2f} s")
+    typer.echo(_load_line(result))
+    if asked:
+        seconds = sum(a["generate_seconds"] for a in result["answers"])
+        typer.echo(f"answered {len(asked)} question{'s' if len(asked) > 1 else ''} in {seconds:.2f} s")
+
+
+def _print_answer(question: str, answer, max_new_tokens: int, several: bool) -> None:
+    if several:
+        typer.echo(f"> {question}")
+    typer.echo(answer.text)
+    if answer.stopped == "length":
+        typer.echo(f"[cut at --max-new-tokens {max_new_tokens}: the answer goes on]")
+    typer.echo("")
 
 
 def _summary(reader: KvcReader) -> dict:
-    from .compress import raw_fp16_bytes
+    from .sizes import raw_fp16_bytes
 
     header = reader.header
     g = reader.geometry
@@ -356,6 +437,33 @@ def _summary(reader: KvcReader) -> dict:
     }
 
 
+def _preset_text(settings: dict, calibration) -> str:
+    if isinstance(calibration, dict):
+        return "none: the settings were searched for a fidelity target (calibrated, below)"
+    if "preset" not in settings:
+        return "not recorded (a file written before kvc recorded presets)"
+    changed = settings.get("overrides") or []
+    return settings["preset"] + (f", changed by {' '.join(changed)}" if changed else "")
+
+
+def _settings_text(settings: dict, cache: dict) -> str:
+    """The compression settings in words: what was kept, at what precision, with which codec."""
+    if settings.get("scorer"):
+        kept = (f"{settings['kept_ratio']:.1%} of entries kept (ratio {settings['ratio']:g}, {settings['scorer']} "
+                f"scores, {settings['allocation']} allocation)")
+    else:
+        kept = "every entry kept"
+    bits = settings.get("bits")
+    if bits in (16, 32):
+        precision = f"{bits}-bit floats"
+    else:
+        rope = ", RoPE removed" if cache.get("key_rope") == "removed" else ""
+        group = settings.get("value_group")
+        precision = (f"keys {settings.get('key_bits') or bits}-bit{rope}, values {bits}-bit"
+                     + (f" in groups of {group}" if group else ""))
+    return f"{kept}; {precision}; codec {settings.get('codec')}; prefilled in chunks of {settings.get('chunk_size')}"
+
+
 @app.command()
 @cli_errors
 def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_output: JsonOption = False):
@@ -374,7 +482,8 @@ def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_o
                f"{str(fp.get('tokenizer_digest'))[:16]}...")
     typer.echo(f"  tokens       {info['tokens']:,} ({info['prompt'].get('template')} template), "
                f"KV computed in {cache.get('computed_dtype')}, layout {cache['layout']}")
-    typer.echo(f"  settings     {info['settings']}")
+    typer.echo(f"  preset       {_preset_text(info['settings'], info['calibration'])}")
+    typer.echo(f"  settings     {_settings_text(info['settings'], cache)}")
     typer.echo(f"  size         {_mb(info['file_bytes'])} for {_mb(info['raw_bytes'])} of fp16 KV "
                f"({info['raw_bytes'] / info['file_bytes']:.2f}x), {info['bits_per_element']:.2f} bits per kept "
                "element")
@@ -415,9 +524,9 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
     try:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise KvcError(f"{option} takes comma-separated numbers, not {text!r}") from None
+        raise UsageError(f"{option} takes comma-separated numbers, not {text!r}") from None
     if not values:
-        raise KvcError(f"{option} is empty")
+        raise UsageError(f"{option} is empty")
     return values
 
 
@@ -444,7 +553,7 @@ def _runtime_gguf(header: dict, gguf: Path | None) -> Path:
     name = str(header["model"].get("name") or "")
     if name.endswith(".gguf") and Path(name).is_file():
         return Path(name)
-    from .models import EMBEDDED, embedded_gguf
+    from .model_files import EMBEDDED, embedded_gguf
 
     if name == EMBEDDED:
         return embedded_gguf()
@@ -453,12 +562,19 @@ def _runtime_gguf(header: dict, gguf: Path | None) -> Path:
 
 def _mlx_model(header: dict) -> str:
     """What MLX-LM should load for the .kvc's model: the embedded model's converted folder, else its recorded name."""
-    name = str(header["model"].get("name") or "")
-    from .models import EMBEDDED, converted_folder, embedded_gguf
+    from .model_files import EMBEDDED, converted_location, embedded_gguf, is_converted
 
-    if name == EMBEDDED:
-        return str(converted_folder(embedded_gguf()))
-    return str(converted_folder(Path(name))) if name.endswith(".gguf") and Path(name).is_file() else name
+    name = str(header["model"].get("name") or "")
+    gguf = embedded_gguf() if name == EMBEDDED else Path(name) if name.endswith(".gguf") and Path(name).is_file() \
+        else None
+    if gguf is None:
+        return name
+    folder = converted_location(gguf)
+    if not is_converted(folder):  # the one case that needs transformers: converting the GGUF
+        from .models import converted_folder
+
+        folder = converted_folder(gguf)
+    return str(folder)
 
 
 @app.command()
@@ -637,7 +753,7 @@ def _bench_lengths(document: Path, model: str, lengths: str, preset: str, plot: 
 
     counts = parse_lengths(lengths)
     if "," in preset:
-        raise KvcError("--lengths measures one preset: pass a single --presets value")
+        raise UsageError("--lengths measures one preset: pass a single --presets value")
     get_preset(preset)
     text = read_document(str(document))
     lm = load_model(model, device=device, dtype=dtype)
@@ -658,6 +774,62 @@ def _report(result: dict, json_output: bool, show, plot: Path | None) -> None:
     show(result)
     if plot is not None:
         typer.echo(f"plot written to {plot}")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _models_info() -> dict:
+    from huggingface_hub import try_to_load_from_cache
+
+    from .families import TESTED_FAMILIES
+    from .model_files import (
+        EMBEDDED,
+        HUB_ALIASES,
+        cache_dir,
+        converted_location,
+        converted_models,
+        embedded_gguf,
+        is_converted,
+    )
+
+    try:
+        gguf = embedded_gguf()
+        folder = converted_location(gguf)
+        embedded = {"alias": EMBEDDED, "installed": True, "gguf": str(gguf), "converted": str(folder)
+                    if is_converted(folder) else None, "error": None}
+    except KvcError as exc:
+        embedded = {"alias": EMBEDDED, "installed": False, "gguf": None, "converted": None, "error": str(exc)}
+    aliases = [{"alias": alias, "hub_id": repo, "cached": isinstance(try_to_load_from_cache(repo, "config.json"), str)}
+               for alias, repo in HUB_ALIASES.items()]
+    converted = [{"folder": str(f), "bytes": _folder_bytes(f)} for f in converted_models()]
+    return {"embedded": embedded, "aliases": aliases, "families": TESTED_FAMILIES, "cache_dir": str(cache_dir()),
+            "converted": converted}
+
+
+@app.command()
+@cli_errors
+def models(json_output: JsonOption = False):
+    """List the model aliases (and whether each is in the local Hugging Face cache), the model families kvc is tested
+    on, and the GGUF conversions kvc keeps in its cache folder (no model is loaded).
+
+    `--model` also takes any hub id (org/name), a local model folder, or a .gguf file, of a tested family.
+    """
+    info = _models_info()
+    if json_output:
+        _emit_json(info)
+        return
+    e = info["embedded"]
+    state = ("converted" if e["converted"] else "not converted yet (the first use converts it, about 20 s)") if \
+        e["installed"] else e["error"]
+    typer.echo(f"embedded  {e['alias']:<14} SmolLM2-135M-Instruct, no network needed: {state}")
+    for a in info["aliases"]:
+        where = "in the local Hugging Face cache" if a["cached"] else "downloaded on first use (needs network)"
+        typer.echo(f"alias     {a['alias']:<14} {a['hub_id']}: {where}")
+    typer.echo("families  tested with kvc (tests/test_families.py): " + ", ".join(info["families"]))
+    typer.echo(f"converted {len(info['converted'])} GGUF model folder(s) in {info['cache_dir']}/models"
+               + "".join(f"\n          {c['folder']} ({_mb(c['bytes'])})" for c in info["converted"]))
 
 
 @app.command()

@@ -1,339 +1,43 @@
-"""`kvc compress`: document → chunked prefill → per-layer KV streams → `.kvc` file (written atomically)."""
+"""`kvc compress`: a document → its prefill → scores → a pruned, quantized `.kvc` file, under a preset's settings or
+those a fidelity target's search chooses (kvzip_cli.calibrate)."""
 
-import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from transformers import DynamicCache
-
-from kvc_format import KvcWriter, Stream, encode_positions
-from kvc_format.quantized import Quantization, encode_layer
-
-from . import __version__
-from .attention import kvc_attention_in, observe_attention
-from .budget import SINK_TOKENS, check_allocation, check_ratio, protected_positions
-from .devices import DTYPE_NAMES
-from .document import PromptLayout, layout_prompt, read_document
-from .errors import KvcError
-from .fingerprint import fingerprint
-from .key_units import QueryEnergy, key_units
-from .models import EMBEDDED, LoadedModel, load_model
+from .budget import check_ratio, protected_positions
+from .cache_file import (
+    DEFAULT_CHUNK,
+    QUANT_BITS,
+    CompressResult,
+    QuantOptions,
+    check_settings,
+    default_codec,
+    prefill_document,
+    value_group,
+    write_kvc,
+)
+from .calibrate import DEFAULT_BUDGET, Target, calibrate, check_budget
+from .document import read_document
+from .errors import UsageError
+from .families import check_supported
+from .model_files import EMBEDDED
+from .models import LoadedModel, load_model
 from .paths import check_output
-from .prefill import prefill
-from .presets import DEFAULT_PRESET, get_preset
-from .progress import TaskFactory, progress_bars, silent_task
-from .pruning import Pruning, score_context
-from .rope import head_dim, inverse_frequencies, rope_tables, unrotate
-from .scorers import DEFAULT_SCORER, check_scorer
-from .tensors import storage_tensor, to_stream
-
-if TYPE_CHECKING:
-    from .calibrate import Target
-
-CODECS = ("raw", "zstd", "ans")
-FLOAT_BITS = (16, 32)
-QUANT_BITS = (8, 4, 3, 2)
-DEFAULT_CHUNK = 512
-# Quantization steps at 4 bits, as fractions of the key units (kvzip_cli.key_units: on average each head's key RMS)
-# and of each value row's RMS; every bit added halves them. Chosen on the example corpus with one key step per head
-# (examples/results/quantization/): 4 bits gave kld ≈ 0.005 at ≈ 3.6 bits per element once entropy-coded.
-KEY_STEP_AT_4_BITS = 0.15
-VALUE_STEP_AT_4_BITS = 0.3
+from .presets import DEFAULT_PRESET, Preset, get_preset
+from .progress import progress_bars
+from .pruning import score_context
+from .rope import head_dim
 
 
-def default_codec(bits: int) -> str:
-    return "ans" if bits in QUANT_BITS else "zstd"
-
-
-def key_step(bits: int) -> float:
-    return KEY_STEP_AT_4_BITS * 2.0 ** (4 - bits)
-
-
-def value_step(bits: int) -> float:
-    return VALUE_STEP_AT_4_BITS * 2.0 ** (4 - bits)
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """Quantization knobs beyond `bits`: key precision in bits when it differs from the values' (keys carry most of
-    the error), channels sharing one value step (None: the whole head), whether keys are stored with RoPE removed
-    (None: when the model's RoPE can be undone) and whether key steps are weighted by the document's queries
-    (kvzip_cli.key_units; False: one step per head, from its key RMS)."""
-
-    key_bits: int | None = None
-    value_group: int | None = None
-    pre_rope: bool | None = None
-    query_weighted_keys: bool = True
-
-
-@dataclass(frozen=True)
-class CompressResult:
-    output: str
-    model: str
-    tokens: int
-    kept_ratio: float
-    raw_bytes: int  # the full context KV in fp16: 2 × layers × kv_heads × head_dim × tokens × 2
-    file_bytes: int
-    compression: float
-    seconds: float
-    prefill_seconds: float
-    codec: str
-    bits: int
-    scorer: str | None = None  # None when nothing was pruned
-    allocation: str | None = None
-    score_seconds: float = 0.0
-    key_bits: int | None = None  # quantized files: the keys' precision (may differ from `bits`, the values')
-    calibration: dict | None = None  # --target-top1 / --target-kld: the search's outcome (kvzip_cli.calibrate)
-
-    @property
-    def bits_per_element(self) -> float:
-        """File bits per kept K or V scalar (fp16 storage is 16)."""
-        return 8 * self.file_bytes / (self.raw_bytes / 2 * self.kept_ratio)
-
-    def as_json(self) -> dict:
-        return {**asdict(self), "bits_per_element": self.bits_per_element}
-
-
-def raw_fp16_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int) -> int:
-    return 2 * layers * kv_heads * head_dim * tokens * 2
-
-
-def _check_settings(codec: str, ratio: float, bits: int, chunk_size: int, scorer: str,
-                    allocation: str | None, quant: QuantOptions = QuantOptions()) -> None:
-    if codec not in CODECS:
-        raise KvcError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
-    if bits not in FLOAT_BITS + QUANT_BITS:
-        raise KvcError(f"--bits {bits}: use 16 or 32 (floats) or {', '.join(map(str, QUANT_BITS))} (quantized)")
-    if codec == "ans" and bits in FLOAT_BITS:
-        raise KvcError(f"--codec ans entropy-codes quantized symbols: use it with --bits "
-                       f"{'|'.join(map(str, QUANT_BITS))}, or --codec zstd for {bits}-bit floats")
-    if quant.key_bits is not None and (quant.key_bits not in QUANT_BITS or bits not in QUANT_BITS):
-        raise KvcError(f"--key-bits {quant.key_bits}: use one of {', '.join(map(str, QUANT_BITS))}, with --bits "
-                       "quantized too")
-    if quant.value_group is not None and quant.value_group < 1:
-        raise KvcError(f"--group {quant.value_group} must be at least 1")
-    if not 0 < ratio <= 1:
-        raise KvcError(f"--ratio {ratio} is out of range: it is the kept fraction, 0 < ratio <= 1")
-    check_scorer(scorer)
-    if allocation is not None:
-        check_allocation(allocation)
-    if chunk_size < 1:
-        raise KvcError(f"--chunk-size {chunk_size} must be at least 1")
-
-
-@dataclass
-class Prefilled:
-    """A document's full KV cache, computed once; `write_kvc` can store it under any number of settings."""
-
-    lm: LoadedModel
-    text: str
-    layout: PromptLayout
-    cache: DynamicCache
-    identity: dict
-    prefill_seconds: float
-    chunk_size: int
-    query_energy: np.ndarray | None = None  # (layers, heads, head_dim) mean q² over the prefill (key_units)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.layout.prefix_ids)
-
-
-def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK,
-                     task: TaskFactory = silent_task) -> Prefilled:
-    """Lay `text` out as a prompt prefix and prefill it in chunks."""
-    layout = layout_prompt(lm.tokenizer, text)
-    tokens = len(layout.prefix_ids)
-    limit = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
-    if limit and tokens >= limit:
-        raise KvcError(f"the document is {tokens} tokens; model {lm.name!r} handles at most {limit}")
-    identity = fingerprint(lm.model, lm.tokenizer)
-    started = time.perf_counter()
-    energy = QueryEnergy()
-    with kvc_attention_in(lm.model), observe_attention(energy):
-        cache = prefill(lm.model, layout.prefix_ids, chunk_size, task("prefill", tokens))
-    return Prefilled(lm, text, layout, cache, identity, time.perf_counter() - started, chunk_size, energy.mean())
-
-
-def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None,
-            calibration: dict | None) -> dict:
-    cache, identity, layout = pre.cache, pre.identity, pre.layout
-    layers, heads = len(cache.layers), identity["num_kv_heads"]
-    geometry = {
-        "layout": "quantized" if quant else "dense" if pruning is None else "pruned",
-        "layers": layers,
-        "kv_heads": heads,
-        "tokens": pre.tokens,
-        "head_dim": identity["head_dim"],
-        "computed_dtype": DTYPE_NAMES[cache.layers[0].keys.dtype],
-    }
-    settings = {"ratio": 1.0, "kept_ratio": 1.0, "scorer": None, "allocation": None, "bits": bits, "codec": codec,
-                "chunk_size": pre.chunk_size}
-    if pruning is not None:
-        settings.update(ratio=pruning.ratio, kept_ratio=pruning.kept_ratio, scorer=pruning.scorer,
-                        allocation=pruning.allocation)
-    if pruning is not None or quant:
-        geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else layers * heads * pre.tokens
-    if quant:
-        geometry.update(exact_positions=quant["exact_positions"], key_rope=quant["key_rope"])
-        if quant["rope_inv_freq"] is not None:
-            geometry["rope_inv_freq"] = quant["rope_inv_freq"]
-        settings.update({k: quant[k] for k in ("value_group", "value_step", "key_bits", "key_step", "key_units")})
-    header = {
-        "kvc": {"writer": f"kvc {__version__}"},
-        "model": {**identity, "name": pre.lm.name, "dtype": DTYPE_NAMES[pre.lm.model.dtype]},
-        "cache": geometry,
-        "prompt": {
-            "template": layout.template,
-            "prefix_ids": layout.prefix_ids,
-            "question_prefix": layout.question_prefix,
-            "question_suffix": layout.question_suffix,
-        },
-        "document": {"chars": len(pre.text), "sha256": hashlib.sha256(pre.text.encode()).hexdigest()},
-        "settings": settings,
-        "timings": {"prefill_seconds": pre.prefill_seconds, "device": str(pre.lm.model.device)},
-    }
-    if calibration is not None:
-        header["calibration"] = calibration
-    return header
-
-
-def _kept_positions(keep: torch.Tensor) -> list[torch.Tensor]:
-    return [row.nonzero().squeeze(-1) for row in keep.cpu()]
-
-
-def _pruned_streams(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, bits: int) -> list[Stream]:
-    """keys/values (kv_heads, tokens, head_dim), keep (kv_heads, tokens) → the kv_layer_pruned streams."""
-    positions = _kept_positions(keep)
-    counts, gaps = encode_positions([p.numpy() for p in positions])
-    kept_keys = torch.cat([keys[h, p.to(keys.device)] for h, p in enumerate(positions)])
-    kept_values = torch.cat([values[h, p.to(values.device)] for h, p in enumerate(positions)])
-    return [
-        Stream("counts", "int32", tuple(counts.shape), memoryview(counts).cast("B"), codec="zstd"),
-        Stream("positions", "int32", tuple(gaps.shape), memoryview(gaps).cast("B"), codec="zstd"),
-        to_stream("keys", storage_tensor(kept_keys, bits)),
-        to_stream("values", storage_tensor(kept_values, bits)),
-    ]
-
-
-def _value_group(options: QuantOptions, head_dim: int) -> int:
-    group = min(options.value_group or head_dim, head_dim)
-    if head_dim % group:
-        raise KvcError(f"--group {group} must divide the model's head_dim ({head_dim})")
-    return group
-
-
-def _key_units(pre: Prefilled, paired: bool) -> np.ndarray | None:
-    """(layers, kv_heads, head_dim) query-weighted key steps at key_step 1, or None (per-head RMS steps)."""
-    if pre.query_energy is None:
-        return None
-    # RoPE rotates channel pairs, so it leaves each head's key RMS unchanged: the stored keys' RMS either way.
-    rms = torch.stack([layer.keys[0].float().pow(2).mean((1, 2)).sqrt() for layer in pre.cache.layers])
-    return key_units(pre.query_energy, rms.double().cpu().numpy(), paired)
-
-
-def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
-    """(Quantization, RoPE tables or None, header fields, per-layer key units or None) for a quantized write."""
-    tables, inv_freq = None, None
-    if options.pre_rope is not False:
-        tables = rope_tables(pre.lm.model, torch.arange(pre.tokens))
-        inv_freq = inverse_frequencies(pre.lm.model, *tables) if tables is not None else None
-        tables = tables if inv_freq is not None else None
-        if tables is None and options.pre_rope:
-            raise KvcError(f"--pre-rope: model {pre.lm.name!r} has no full-width rotary embedding of the standard "
-                           "form (cos/sin of position x frequency) that kvc can undo; use --no-pre-rope")
-    head_dim = pre.identity["head_dim"]
-    group = _value_group(options, head_dim)
-    key_bits = options.key_bits or bits
-    quant = Quantization(value_mode="uniform", value_step=value_step(bits), value_group=group,
-                         key_step=key_step(key_bits), exact_positions=SINK_TOKENS,
-                         coder="rans" if codec == "ans" else codec)
-    units = _key_units(pre, paired=tables is not None) if options.query_weighted_keys else None
-    fields = {"exact_positions": SINK_TOKENS, "key_rope": "removed" if tables is not None else "applied",
-              "rope_inv_freq": inv_freq, "value_group": group, "value_step": quant.value_step, "key_bits": key_bits,
-              "key_step": quant.key_step, "key_units": "query" if units is not None else "rms"}
-    return quant, tables, fields, units
-
-
-def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, quant: Quantization,
-                     tables: tuple[torch.Tensor, torch.Tensor] | None, key_unit: np.ndarray | None):
-    """keys/values (kv_heads, tokens, head_dim) → the kv_layer_quantized streams and section attributes."""
-    keys, values = keys.float().cpu(), values.float().cpu()
-    if tables is not None:
-        keys = unrotate(keys, *(t.cpu() for t in tables))
-    positions = _kept_positions(keep)
-    kept_keys = torch.cat([keys[h, p] for h, p in enumerate(positions)]).numpy()
-    kept_values = torch.cat([values[h, p] for h, p in enumerate(positions)]).numpy()
-    try:
-        return encode_layer(kept_keys, kept_values, [p.numpy() for p in positions], quant, key_unit)
-    except ValueError as exc:
-        raise KvcError(f"cannot quantize this cache: {exc}") from None
-
-
-def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd", bits: int = 16,
-              pruning: Pruning | None = None, quant: QuantOptions = QuantOptions(),
-              task: TaskFactory = silent_task, calibration: dict | None = None) -> CompressResult:
-    """Store a prefilled cache in `output` (atomically), pruned to `pruning.keep` when given, quantized to `bits`
-    when bits is 8, 4, 3 or 2. `calibration` (kvzip_cli.calibrate) is recorded in the header when given.
-
-    `seconds` counts the prefill, the scoring and the write.
-    """
-    output = Path(output)
-    check_output(output)
-    _check_settings(codec, pruning.ratio if pruning else 1.0, bits, pre.chunk_size, DEFAULT_SCORER, None, quant)
-    started = time.perf_counter()
-    cache, identity = pre.cache, pre.identity
-    computed = cache.layers[0].keys.dtype
-    if bits == 32 and computed != torch.float32:
-        raise KvcError(f"--bits 32 keeps float32 KV, but the model computed {DTYPE_NAMES[computed]}; "
-                       "use --bits 16 or --dtype float32")
-    quantizer, tables, fields, units = (_quantizer(pre, bits, codec, quant) if bits in QUANT_BITS
-                                        else (None, None, None, None))
-    advance = task("write", len(cache.layers))
-    with KvcWriter(output, _header(pre, bits, codec, pruning, fields, calibration)) as writer:
-        for i, layer in enumerate(cache.layers):
-            keys, values = layer.keys[0], layer.values[0]
-            if quantizer is not None:
-                keep = pruning.keep[i] if pruning is not None else torch.ones(keys.shape[:2], dtype=torch.bool)
-                encoded = _quantized_layer(keys, values, keep, quantizer, tables,
-                                           units[i] if units is not None else None)
-                writer.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams,
-                                   codec="zstd")
-            elif pruning is None:
-                streams = [to_stream("keys", storage_tensor(keys, bits)),
-                           to_stream("values", storage_tensor(values, bits))]
-                writer.add_section("kv_layer", {"layer": i}, streams, codec=codec)
-            else:
-                kept = int(pruning.keep[i].sum())
-                streams = _pruned_streams(keys, values, pruning.keep[i], bits)
-                writer.add_section("kv_layer_pruned", {"layer": i, "kept": kept}, streams, codec=codec)
-            advance(1)
-    file_bytes = output.stat().st_size
-    raw = raw_fp16_bytes(len(cache.layers), identity["num_kv_heads"], identity["head_dim"], pre.tokens)
-    score_seconds = pruning.score_seconds if pruning else 0.0
-    return CompressResult(
-        output=str(output),
-        model=pre.lm.name,
-        tokens=pre.tokens,
-        kept_ratio=pruning.kept_ratio if pruning else 1.0,
-        raw_bytes=raw,
-        file_bytes=file_bytes,
-        compression=raw / file_bytes,
-        seconds=pre.prefill_seconds + score_seconds + time.perf_counter() - started,
-        prefill_seconds=pre.prefill_seconds,
-        codec=codec,
-        bits=bits,
-        scorer=pruning.scorer if pruning else None,
-        allocation=pruning.allocation if pruning else None,
-        score_seconds=score_seconds,
-        key_bits=fields["key_bits"] if fields else None,
-        calibration=calibration,
-    )
+def preset_record(chosen: Preset, **given) -> dict:
+    """What a file records of its preset: the preset's name and the options given that change it."""
+    own = {"ratio": chosen.ratio, "scorer": chosen.scorer, "bits": chosen.bits, "codec": chosen.codec,
+           "key_bits": chosen.key_bits}
+    changed = [f"--{name.replace('_', '-')}" for name, value in given.items()
+               if value is not None and value != own[name]]
+    return {"preset": chosen.name, "overrides": changed}
 
 
 def compress_text(
@@ -352,7 +56,7 @@ def compress_text(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
-    target: "Target | None" = None,
+    target: Target | None = None,
     budget: float | None = None,
 ) -> CompressResult:
     """Prefill `text` as a reusable prompt prefix and store its KV cache in `output`.
@@ -372,8 +76,9 @@ def compress_text(
                            preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
                            device=device, dtype=dtype, progress=progress)
     if budget is not None:
-        raise KvcError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
+        raise UsageError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
     chosen = get_preset(preset or DEFAULT_PRESET)
+    record = preset_record(chosen, ratio=ratio, scorer=scorer, bits=bits, codec=codec, key_bits=quant.key_bits)
     ratio = chosen.ratio if ratio is None else ratio
     scorer = chosen.scorer if scorer is None else scorer
     bits = chosen.bits if bits is None else bits
@@ -381,40 +86,41 @@ def compress_text(
         codec = chosen.codec if bits == chosen.bits else default_codec(bits)
     if quant.key_bits is None and bits == chosen.bits and chosen.key_bits is not None:
         quant = replace(quant, key_bits=chosen.key_bits)
-    _check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
+    check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
     check_output(Path(output))
     started = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    check_supported(lm.model)  # before head_dim, which a state-space model lacks
     if bits in QUANT_BITS:  # before the costly prefill
-        _value_group(quant, head_dim(lm.model))
+        value_group(quant, head_dim(lm.model))
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
         pruning = None
         if ratio < 1:
             check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
             pruning = score_context(lm, pre.cache, pre.layout, scorer, task).keep(ratio, allocation)
-        result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task)
+        result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task,
+                           preset=record)
     return replace(result, seconds=time.perf_counter() - started)
 
 
 def _calibrated(text: str, output: str | os.PathLike, target, budget: float | None, *, model, scorer, allocation,
                 preset, ratio, bits, codec, quant: QuantOptions, chunk_size: int, device: str, dtype: str,
                 progress: bool) -> CompressResult:
-    from .calibrate import DEFAULT_BUDGET, calibrate, check_budget
-
     chosen = {"--preset": preset, "--ratio": ratio, "--bits": bits, "--codec": codec, "--key-bits": quant.key_bits}
     given = [name for name, value in chosen.items() if value is not None]
     if given:
-        raise KvcError(f"a fidelity target chooses the ratio and bits itself: drop {', '.join(given)}")
+        raise UsageError(f"a fidelity target chooses the ratio and bits itself: drop {', '.join(given)}")
     target.check()
     budget = DEFAULT_BUDGET if budget is None else budget
     check_budget(budget)
     scorer = scorer or get_preset(DEFAULT_PRESET).scorer
-    _check_settings("ans", 1.0, 4, chunk_size, scorer, allocation, quant)
+    check_settings("ans", 1.0, 4, chunk_size, scorer, allocation, quant)
     check_output(Path(output))
     started = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-    _value_group(quant, head_dim(lm.model))
+    check_supported(lm.model)  # before head_dim, which a state-space model lacks
+    value_group(quant, head_dim(lm.model))
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
         scored = score_context(lm, pre.cache, pre.layout, scorer, task)

@@ -2,7 +2,7 @@
 
 import torch
 
-from .errors import KvcError
+from .errors import KvcError, UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -15,11 +15,11 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise KvcError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KvcError(f"device {spec!r} asked for, but torch sees no CUDA device")
     if device.type not in ("cpu", "cuda"):
-        raise KvcError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -34,5 +34,5 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if spec not in DTYPES:
-        raise KvcError(f"unknown dtype {spec!r}: use auto, {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {spec!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[spec]

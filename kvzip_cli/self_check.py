@@ -16,7 +16,7 @@ import torch
 
 from .bench.evaluate import CacheUnderTest, Evaluator
 from .bench.metrics import FidelityTotals
-from .compress import Prefilled
+from .cache_file import Prefilled
 from .document import question_ids
 
 RECONSTRUCTION_PROBES = 8  # answers come from the document itself: more of them cost no generation

@@ -46,9 +46,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return _train_tokenizer()
 
 
-def tiny_model(arch: str, tokenizer, seed: int = 0, initializer_range: float = 0.02) -> LoadedModel:
-    torch.manual_seed(seed)
-    common = dict(
+def tiny_fields(tokenizer, initializer_range: float) -> dict:
+    """The config fields every tiny model shares: 3 layers, hidden 64, 4 query heads over 2 KV heads."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -60,6 +60,11 @@ def tiny_model(arch: str, tokenizer, seed: int = 0, initializer_range: float = 0
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=initializer_range,
     )
+
+
+def tiny_model(arch: str, tokenizer, seed: int = 0, initializer_range: float = 0.02) -> LoadedModel:
+    torch.manual_seed(seed)
+    common = tiny_fields(tokenizer, initializer_range)
     classes = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "llama": (LlamaForCausalLM, LlamaConfig)}
     model_class, config_class = classes[arch]
     model = model_class(config_class(**common)).eval()

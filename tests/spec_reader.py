@@ -278,5 +278,6 @@ def keys_with_rope(layer: SpecLayer, cache: dict) -> np.ndarray:
     p = np.concatenate(layer.positions).astype(np.float32)
     theta = p[:, None] * f[None, :]
     half = len(f)
-    x1, x2 = layer.keys[:, :half], layer.keys[:, half:]
-    return np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)], axis=1)
+    x1, x2, rest = layer.keys[:, :half], layer.keys[:, half : 2 * half], layer.keys[:, 2 * half :]
+    return np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta), rest],
+                          axis=1)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
 from kvzip_cli.bench.metrics import FidelityTotals, agreement, needle_found
 from kvzip_cli.bench.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
+from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.cli import app
-from kvzip_cli.compress import prefill_document
 from kvzip_cli.errors import KvcError
 
 from conftest import DOCS, tiny_model
@@ -243,7 +243,7 @@ def test_peers_without_kvpress_is_one_line(monkeypatch, short_doc):
 )
 def test_bench_bad_options(tiny_folder, short_doc, args, fragment):
     result = bench(short_doc, "--model", tiny_folder, *args)
-    assert result.exit_code == 1
+    assert result.exit_code == (1 if args[0] == "--probes" else 2)  # a missing file, or a usage error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
 
@@ -306,6 +306,78 @@ def test_bench_lengths_first_token_matches_prefill(tiny_folder, short_doc):
                                                    ("100000", "no length fits")])
 def test_bench_lengths_bad_options(tiny_folder, short_doc, lengths, fragment):
     result = bench(short_doc, "--model", tiny_folder, "--lengths", lengths)
-    assert result.exit_code == 1
+    assert result.exit_code == (1 if fragment == "no length fits" else 2)  # the model's limit, or a usage error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+
+
+def synthetic_result(peers=False) -> dict:
+    def row(setting, family, kind, ratio, bits, codec, compression, kld, top1, scorer=None):
+        return {"setting": setting, "family": family, "kind": kind, "ratio": ratio, "bits": bits, "codec": codec,
+                "scorer": scorer, "compression": compression, "kld": kld, "top1": top1}
+
+    rows = [row("kvc 16-bit raw", "kvc lossless", "kvc", 1.0, 16, "raw", 1.0, 1e-8, 1.0),
+            row("kvc 16-bit zstd", "kvc lossless", "kvc", 1.0, 16, "zstd", 1.1, 1e-8, 1.0),
+            row("kvc 3-bit ans", "kvc quantized", "kvc", 1.0, 3, "ans", 5.0, 0.02, 0.95),
+            row("kvc 3-bit zstd", "kvc quantized", "kvc", 1.0, 3, "zstd", 4.6, 0.02, 0.95),
+            row("kvc 2-bit zstd", "kvc quantized", "kvc", 1.0, 2, "zstd", 6.0, 0.1, 0.9),
+            *(row(f"kvc kvzip {r:g}", "kvc kvzip", "kvc", r, 16, "zstd", 1.1 / r, 0.05 / r, 1 - r / 2, "kvzip")
+              for r in (0.5, 0.3, 0.1)),
+            row("preset lossless", "kvc presets", "kvc", 1.0, 16, "zstd", 1.1, 1e-8, 1.0, "kvzip"),
+            row("preset balanced", "kvc presets", "kvc", 0.3, 3, "ans", 18.0, 0.3, 0.85, "kvzip"),
+            row("preset small", "kvc presets", "kvc", 0.12, 2, "ans", 60.0, 0.9, 0.7, "kvzip"),
+            row("fp16 safetensors", "size baselines", "size", 1.0, None, "safetensors", 1.0, None, None)]
+    if peers:
+        rows += [row(f"kvpress SnapKVPress {r:g}", "kvpress SnapKVPress", "peer", r, None, None, 1 / r, 0.2 / r,
+                     1 - r) for r in (0.5, 0.3)]
+        rows.append(row("kvpress KVzipPress 0.5", "kvpress KVzipPress", "peer", 0.5, None, None, 2.0, None, None))
+    return {"document": "doc.txt", "model": "tiny", "rows": rows}
+
+
+def test_plot_series_join_only_one_setting_varied():
+    from kvzip_cli.bench.report import plot_series
+
+    series = {s.name: s for s in plot_series([synthetic_result()])}
+    assert set(series) == {"kvc full cache, raw", "kvc full cache, zstd", "kvc full cache, ans", "kvc kvzip",
+                           "kvc presets"}  # no size baselines (no fidelity), no kvpress
+    kvzip = series["kvc kvzip"]
+    assert kvzip.joined and [p.label for p in kvzip.points] == ["0.5", "0.3", "0.1"]  # by compression
+    presets = series["kvc presets"]
+    assert not presets.joined and [p.label for p in presets.points] == ["lossless", "balanced", "small"]
+    assert [p.label for p in series["kvc full cache, zstd"].points] == ["16-bit", "3-bit", "2-bit"]
+    assert series["kvc full cache, zstd"].joined and not series["kvc full cache, raw"].joined  # a lone point
+    assert not any(s.peer for s in series.values())
+
+    two = plot_series([synthetic_result(), synthetic_result()])  # over documents: the same points, averaged
+    assert [len(s.points) for s in two] == [len(s.points) for s in series.values()]
+
+
+def test_plot_labels_points_and_names_kvpress_only_when_it_ran(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.lines import Line2D
+
+    from kvzip_cli.bench.report import figure, plot, save_figure
+
+    plt, fig = figure([synthetic_result()])
+    ax_kld, ax_top1 = fig.axes
+    texts = {t.get_text() for t in ax_kld.texts}
+    assert {"0.5", "0.3", "0.1", "balanced", "small", "lossless", "16-bit", "3-bit"} <= texts
+    assert "kvpress" not in ax_kld.get_xlabel() and "kvpress" not in fig.texts[0].get_text()
+    legend = [t.get_text() for t in ax_top1.get_legend().get_texts()]
+    assert not any("kvpress" in t for t in legend) and "kvc presets" in legend
+    lines = {line.get_label(): line for line in ax_top1.get_lines() if isinstance(line, Line2D)}
+    assert lines["kvc presets"].get_linestyle() == "None"  # presets are points, not a curve
+    assert lines["kvc kvzip"].get_linestyle() == "-" and len(lines["kvc kvzip"].get_xdata()) == 3
+    save_figure(plt, fig, tmp_path / "no-peers.png")
+
+    plt, fig = figure([synthetic_result(peers=True)])
+    ax_kld, ax_top1 = fig.axes
+    assert "kvpress" in ax_kld.get_xlabel()
+    lines = {line.get_label(): line for line in ax_top1.get_lines()}
+    assert lines["kvpress SnapKVPress"].get_linestyle() == "--"
+    assert "kvpress KVzipPress" not in lines  # its only row failed: nothing to draw
+    plt.close(fig)
+
+    out = tmp_path / "bench.png"
+    plot([synthetic_result(peers=True)], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,9 +11,9 @@ from kvc_format import KvcReader
 from kvzip_cli import KvcError, compress_text, load
 from kvzip_cli import calibrate as calibrate_module
 from kvzip_cli.attention import kvc_attention_in
+from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.calibrate import BIT_LADDER, RATIOS, Candidate, Target, Trial, search
 from kvzip_cli.cli import app
-from kvzip_cli.compress import prefill_document
 from kvzip_cli.self_check import QUESTION_PROBES, RECONSTRUCTION_PROBES, SelfCheck, SelfCheckResult
 
 from test_pipeline import TEXT
@@ -167,7 +167,7 @@ def test_an_unreachable_target_writes_the_lossless_file(tmp_path, tiny_lm, monke
 def test_bad_calibration_options_give_one_line(tmp_path, tiny_folder, short_doc, args, fragment):
     out = tmp_path / "o.kvc"
     result = CliRunner().invoke(app, ["compress", str(short_doc), "-o", str(out), "--model", str(tiny_folder), *args])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # every one is a usage error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert not out.exists()

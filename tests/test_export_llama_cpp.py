@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from kvc_format import ExportError, KvcFormatError, KvcReader
 from kvc_format.gguf import read_metadata
 from kvc_format.llama_cpp import MAGIC, STATE_VERSION, export_llama_cpp
+from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.cli import app
-from kvzip_cli.compress import prefill_document, write_kvc
 from kvzip_cli.pruning import score_context
 
 from test_pipeline import TEXT

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_safetensors
 
 from kvc_format import ExportError, KvcFormatError, KvcReader, LayoutError, export_mlx, load_file
-from kvzip_cli.compress import prefill_document, write_kvc
+from kvzip_cli.cache_file import prefill_document, write_kvc
 
 from attacks import ATTACKS, split
 from kvc_bytes import assemble, header_dict, raw_streams

@@ -8,7 +8,7 @@ import torch
 from kvc_format import KvcReader
 from kvc_format.quant import dequantize_keys, quantize_keys
 from kvc_format.quantized import Quantization, encode_layer
-from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
+from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.key_units import ENERGY_FLOOR, QueryEnergy, key_units
 from kvzip_cli.load import load
 from kvzip_cli.prefill import prefill
@@ -27,7 +27,7 @@ def test_steps_shrink_as_the_square_root_of_query_energy():
     energy[0, 0, 1] = 4.0  # query head 0 (KV head 0), channel 1
     energy[0, 1, 1] = 12.0  # query head 1 (KV head 0), channel 1: KV head 0's channel 1 totals 16 against 2
     energy[0, 3, 2] = 7.0  # query head 3 (KV head 1), channel 2: totals 8 against 2
-    units = key_units(energy, np.ones((1, 2)), paired=False)
+    units = key_units(energy, np.ones((1, 2)), rotary=0)
     assert units.shape == (1, 2, 4)
     assert units[0, 0, 0] / units[0, 0, 1] == pytest.approx(np.sqrt(16 / 2))
     assert units[0, 1, 0] / units[0, 1, 2] == pytest.approx(2.0)
@@ -36,11 +36,13 @@ def test_steps_shrink_as_the_square_root_of_query_energy():
 
 def test_rope_pairs_share_their_energy():
     energy = np.array([[[1.0, 2.0, 9.0, 4.0]]])  # pairs (0, 2) and (1, 3)
-    paired = key_units(energy, np.ones((1, 1)), paired=True)[0, 0]
+    paired = key_units(energy, np.ones((1, 1)), rotary=4)[0, 0]
     assert paired[0] == pytest.approx(paired[2]) and paired[1] == pytest.approx(paired[3])
     assert paired[1] / paired[0] == pytest.approx(np.sqrt(5 / 3))  # mean energies 5 and 3
-    alone = key_units(energy, np.ones((1, 1)), paired=False)[0, 0]
+    alone = key_units(energy, np.ones((1, 1)), rotary=0)[0, 0]
     assert alone[0] / alone[2] == pytest.approx(3.0)
+    partial = key_units(energy, np.ones((1, 1)), rotary=2)[0, 0]  # RoPE on channels 0, 1 only (partial rotary)
+    assert partial[0] == pytest.approx(partial[1]) and partial[2] / partial[3] == pytest.approx(np.sqrt(4 / 9))
 
 
 def test_units_keep_the_geometric_mean_of_the_key_rms():
@@ -49,20 +51,20 @@ def test_units_keep_the_geometric_mean_of_the_key_rms():
     rng = np.random.default_rng(0)
     energy = rng.uniform(0.01, 5, (3, 4, 8))
     rms = rng.uniform(0.5, 20, (3, 2))
-    units = key_units(energy, rms, paired=True)
+    units = key_units(energy, rms, rotary=8)
     assert geomean(units) == pytest.approx(geomean(rms))
 
 
 def test_barely_read_channels_are_bounded():
     energy = np.ones((1, 1, 4))
     energy[0, 0, 3] = 0.0
-    units = key_units(energy, np.ones((1, 1)), paired=False)[0, 0]
+    units = key_units(energy, np.ones((1, 1)), rotary=0)[0, 0]
     assert units[3] / units[0] == pytest.approx(ENERGY_FLOOR**-0.5)
 
 
 @pytest.mark.parametrize("case", ["silent layer", "zero keys", "nan energy", "heads do not group", "odd pairs"])
 def test_degenerate_statistics_leave_rms_steps(case):
-    energy, rms, paired = np.ones((2, 4, 4)), np.ones((2, 2)), True
+    energy, rms, rotary = np.ones((2, 4, 4)), np.ones((2, 2)), 4
     if case == "silent layer":
         energy[1] = 0
     elif case == "zero keys":
@@ -73,7 +75,7 @@ def test_degenerate_statistics_leave_rms_steps(case):
         rms = np.ones((2, 3))
     else:
         energy = np.ones((2, 4, 3))
-    assert key_units(energy, rms, paired) is None
+    assert key_units(energy, rms, rotary) is None
 
 
 def test_weighted_steps_cut_the_logit_error_at_the_same_rate():
@@ -86,7 +88,7 @@ def test_weighted_steps_cut_the_logit_error_at_the_same_rate():
     keys = rng.standard_normal((rows, dim)).astype(np.float32) * rng.uniform(0.5, 2, dim).astype(np.float32)
     rms = np.sqrt((keys.astype(np.float64) ** 2).mean())
     energy = (queries**2).mean(0)[None, None]
-    units = key_units(energy, np.array([[rms]]), paired=False)[0]
+    units = key_units(energy, np.array([[rms]]), rotary=0)[0]
     assert geomean(units[0]) == pytest.approx(rms)
 
     def logit_mse(unit):

@@ -110,3 +110,48 @@ def test_a_converted_folder_is_rewritten_from_the_gguf_metadata(tmp_path, tiny_t
     assert after(text, add_special_tokens=False).input_ids == before(text, add_special_tokens=False).input_ids
     assert json.loads((folder / "config.json").read_text())["rope_theta"] == 100000.0
     assert AutoConfig.from_pretrained(folder).rope_parameters == config["rope_parameters"]
+
+
+def test_a_converted_folder_is_named_by_the_gguf_content(tmp_path, monkeypatch):
+    """Two environments holding the same GGUF file (another path, another mtime) share one conversion; a different
+    file gets its own; the digest is computed once per (path, size, mtime)."""
+    import os
+
+    from kvzip_cli import model_files
+
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
+    one, two, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, content in ((one, b"GGUF same"), (two, b"GGUF same"), (other, b"GGUF other")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(two, ns=(1, 1))
+    assert model_files.converted_location(one) == model_files.converted_location(two)
+    assert model_files.converted_location(one) != model_files.converted_location(other)
+    assert model_files.converted_location(one).name.endswith(f"-c{model_files.CONVERSION_VERSION}")
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(model_files.hashlib, "sha256", no_hashing)
+    model_files.converted_location(one)  # remembered
+    one.write_bytes(b"GGUF changed")
+    with pytest.raises(AssertionError, match="hashed again"):
+        model_files.converted_location(one)
+
+
+def test_load_model_checks_the_architecture_and_keeps_soft_capping(tmp_path, tiny_tokenizer):
+    """A folder of an architecture kvc cannot cache is refused from its config.json, before any weights load; a
+    soft-capping model (Gemma 2) loads with eager attention, which applies the cap (SDPA drops it)."""
+    import transformers as t
+
+    from family_models import family_model
+
+    seq2seq = tmp_path / "t5"
+    t.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(seq2seq)
+    with pytest.raises(KvcError, match="encoder-decoder"):
+        load_model(str(seq2seq), device="cpu")
+    gemma = tmp_path / "gemma2"
+    family_model("gemma2", tiny_tokenizer).model.save_pretrained(gemma)
+    tiny_tokenizer.save_pretrained(gemma)
+    lm = load_model(str(gemma), device="cpu")
+    assert lm.model.config._attn_implementation == "eager" and lm.model.config.attn_logit_softcapping

@@ -8,7 +8,7 @@ from kvzip_cli import compress_text, load
 from kvzip_cli.attention import kvc_attention_in
 from kvzip_cli.budget import ALLOCATIONS, SINK_TOKENS, allocate, protected_positions
 from kvzip_cli.cache import PrunedCache
-from kvzip_cli.compress import prefill_document, write_kvc
+from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.errors import KvcError
 from kvzip_cli.pruning import Pruning, score_context
 from kvzip_cli.rope import unrotate

@@ -9,7 +9,7 @@ import torch
 from kvc_format import KvcReader
 from kvzip_cli import KvcError, compress_text, load
 from kvzip_cli.cache import PrunedCache
-from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
+from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.load import ask
 from kvzip_cli.pruning import score_context
 

@@ -7,7 +7,7 @@ from kvzip_cli import load_model
 from kvzip_cli.bench.probes import plant_needles
 from kvzip_cli.bench.runner import run_bench
 from kvzip_cli.bench.sweep import Setting
-from kvzip_cli.compress import prefill_document
+from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.pruning import score_context
 
 from conftest import DOCS

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 from kvc_format import KvcReader, rans
 from kvc_format.errors import CodecError
 from kvzip_cli import KvcError, load
-from kvzip_cli.compress import QuantOptions, prefill_document, write_kvc
+from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.kernels import rans_decode
 from kvzip_cli.kernels.layers import DeviceChecks, decode_layers
 from kvzip_cli.load import choose_decoder

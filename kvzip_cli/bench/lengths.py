@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..compress import DEFAULT_CHUNK, compress_text
+from ..cache_file import DEFAULT_CHUNK
+from ..compress import compress_text
 from ..document import layout_prompt, question_ids
-from ..errors import KvcError
+from ..errors import KvcError, UsageError
 from ..load import load
 from ..models import LoadedModel
 from ..progress import TaskFactory, silent_task
@@ -52,12 +53,12 @@ def parse_lengths(text: str) -> list[int]:
         try:
             value = int(float(item.removesuffix("k")) * scale)
         except ValueError:
-            raise KvcError(f"--lengths: {item!r} is not a token count like 2000 or 2k") from None
+            raise UsageError(f"--lengths: {item!r} is not a token count like 2000 or 2k") from None
         if value < 16:
-            raise KvcError(f"--lengths: {value} tokens is too short to measure")
+            raise UsageError(f"--lengths: {value} tokens is too short to measure")
         out.append(value)
     if not out:
-        raise KvcError("--lengths: give at least one length")
+        raise UsageError("--lengths: give at least one length")
     return sorted(set(out))
 
 
@@ -114,7 +115,7 @@ def run_lengths(text: str, lm: LoadedModel, lengths: list[int], preset: str, rep
     limit = context_limit(lm)
     rows, notes = [], []
     _prefill_first_token(lm, lm.tokenizer("warm up", add_special_tokens=False).input_ids, DEFAULT_CHUNK)
-    advance = task("lengths", len(lengths))
+    advance = task("lengths", len(lengths), steps=[f"{n:,} tokens" for n in lengths])
     with tempfile.TemporaryDirectory() as tmp:
         for n in lengths:
             if limit and n + QUESTION_ROOM > limit:

@@ -11,11 +11,12 @@ import zstandard
 
 from ..attention import kvc_attention_in
 from ..cache import cache_bytes
-from ..compress import Prefilled, QuantOptions, prefill_document, raw_fp16_bytes, write_kvc
+from ..cache_file import Prefilled, QuantOptions, prefill_document, write_kvc
 from ..load import load
 from ..models import LoadedModel
 from ..progress import TaskFactory, silent_task
 from ..pruning import Scored, score_context
+from ..sizes import raw_fp16_bytes
 from .evaluate import CacheUnderTest, Evaluator, Reference
 from .peers import clear_masks, run_press
 from .probes import Probe, builtin_probes, plant_needles
@@ -124,12 +125,24 @@ def _measure_size(setting: Setting, pre: Prefilled) -> dict:
     return _row(setting, pre, file_bytes=len(data))
 
 
+def step_label(setting: Setting) -> str:
+    """A setting as a progress step: its row name, with what a pruned or preset row keeps and stores."""
+    if setting.kind == "kvc" and (setting.ratio < 1 or setting.label.startswith("preset ")):
+        bits = f"{setting.bits}-bit" if setting.key_bits in (None, setting.bits) else (
+            f"{setting.key_bits}-bit keys/{setting.bits}-bit values")
+        scores = f", {setting.scorer} scores" if setting.ratio < 1 else ""
+        return f"{setting.label} (kept {setting.ratio:g}, {bits} {setting.codec}{scores})"
+    return setting.label
+
+
 def run_bench(text: str, document: str, lm: LoadedModel, sweep: list[Setting], user_probes: list[Probe],
               task: TaskFactory = silent_task, new_tokens: int = 32) -> BenchResult:
     """Measure every setting of `sweep` on `text` (with needles planted) against its full cache."""
     planted, needles = plant_needles(text)
     probes = builtin_probes(text) + user_probes
-    advance = task("bench", 2 + len(sweep))
+    steps = ["prefill the document", f"full-cache reference answers ({len(probes)} probes)",
+             *map(step_label, sweep)]
+    advance = task("bench", len(steps), steps=steps)
     pre = prefill_document(planted, lm)
     advance(1)
     evaluator = Evaluator(lm, pre.layout, probes, needles, new_tokens)

@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 
 from ..budget import ALLOCATIONS
-from ..compress import FLOAT_BITS, QUANT_BITS, default_codec
-from ..errors import KvcError
+from ..cache_file import FLOAT_BITS, QUANT_BITS, default_codec
+from ..errors import UsageError
 from ..presets import PRESETS
 from ..scorers import SCORERS
 from .peers import PEERS
@@ -34,20 +34,21 @@ class Setting:
 def _check(ratios, bits, scorers, allocations, presets) -> None:
     for r in ratios:
         if not 0 < r <= 1:
-            raise KvcError(f"ratio {r} is out of range: ratios are kept fractions, 0 < r <= 1")
+            raise UsageError(f"ratio {r} is out of range: ratios are kept fractions, 0 < r <= 1")
     for b in bits:
         if b not in KVC_BITS:
-            raise KvcError(f"--bits {b} is not available in this version (available: {', '.join(map(str, KVC_BITS))})")
+            raise UsageError(f"--bits {b} is not available in this version (available: "
+                             f"{', '.join(map(str, KVC_BITS))})")
     for s in scorers:
         if s not in KVC_SCORERS:
             available = ", ".join(KVC_SCORERS) or "none yet"
-            raise KvcError(f"scorer {s!r} is not available in this version (available: {available})")
+            raise UsageError(f"scorer {s!r} is not available in this version (available: {available})")
     for a in allocations:
         if a is not None and a not in ALLOCATIONS:
-            raise KvcError(f"allocation {a!r} is not one of {', '.join(ALLOCATIONS)}")
+            raise UsageError(f"allocation {a!r} is not one of {', '.join(ALLOCATIONS)}")
     for p in presets:
         if p not in PRESETS:
-            raise KvcError(f"preset {p!r} is not one of {', '.join(PRESETS)}")
+            raise UsageError(f"preset {p!r} is not one of {', '.join(PRESETS)}")
 
 
 def _full_cache_family(bits: int) -> str:
@@ -77,7 +78,7 @@ def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=Fal
     chosen = PEERS if peers is True else tuple(peers or ())
     for p in chosen:
         if p not in PEERS:
-            raise KvcError(f"peer {p!r} is not one of {', '.join(PEERS)}")
+            raise UsageError(f"peer {p!r} is not one of {', '.join(PEERS)}")
     sweep += [Setting(f"kvpress {p} {r:g}", f"kvpress {p}", "peer", r, peer=p) for p in chosen for r in ratios]
     sweep += [Setting("fp16 safetensors", "size baselines", "size", codec="safetensors"),
               Setting("fp16 safetensors + zstd", "size baselines", "size", codec="safetensors+zstd")]

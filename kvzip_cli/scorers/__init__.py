@@ -1,6 +1,6 @@
 """Query-agnostic scorers: each rates every cached (layer, KV head, position) without knowing the question."""
 
-from ..errors import KvcError
+from ..errors import UsageError
 from .base import Scorer, ScoringInputs
 from .compactor import CompactorScorer
 from .knorm import KnormScorer
@@ -20,7 +20,7 @@ DEFAULT_SCORER = "kvzip"
 
 def check_scorer(name: str) -> None:
     if name not in SCORERS:
-        raise KvcError(f"unknown scorer {name!r}: use one of {', '.join(SCORERS)}")
+        raise UsageError(f"unknown scorer {name!r}: use one of {', '.join(SCORERS)}")
 
 
 def get_scorer(name: str) -> Scorer:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..attention import kvc_attention_in, observe_attention
-from ..rope import unrotate
+from ..rope import layer_rope_tables, unrotate
 from .base import ScoringInputs
 
 
@@ -45,9 +45,8 @@ class CompactorScorer:
 
     def leverage_scores(self, inputs: ScoringInputs) -> torch.Tensor:
         keys = inputs.stacked("keys")  # (layers, kv_heads, tokens, head_dim)
-        positions = torch.arange(inputs.tokens, device=keys.device)[None]
-        cos, sin = inputs.model.model.rotary_emb(keys[0], positions)
-        x = unrotate(keys, cos.float(), sin.float())
+        tables = layer_rope_tables(inputs.model, torch.arange(inputs.tokens))
+        x = keys if tables is None else torch.stack([unrotate(k, *t) for k, t in zip(keys, tables, strict=True)])
         x = x - x.mean(dim=2, keepdim=True)
         dim = x.shape[-1]
         if self.sketch_dim < dim:
@@ -77,7 +76,7 @@ class CompactorScorer:
 
         ids = torch.tensor([inputs.layout.prefix_ids], device=model.device)
         advance = inputs.task("score compactor", n)
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # every layer keeps every token: the observer indexes keys by position
         with kvc_attention_in(model), observe_attention(observer):
             for start in range(0, n, 2 * self.tile):  # tiles never straddle two forward passes
                 chunk = ids[:, start : start + 2 * self.tile]
