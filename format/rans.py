@@ -19,9 +19,13 @@ The model (normative: the format specification describes exactly this):
 * Payload: the final states (uint32 little-endian, one per lane) followed by the word sequence (uint16
   little-endian). Nothing else: the caller knows the lane layout and the tables.
 
-Both directions are a Python loop over steps (the longest lane) with numpy operations over all active lanes.
+Encoding is a Python loop over steps (the longest lane) with numpy operations over all active lanes. Decoding runs
+the same loop, or, where numba is installed, a compiled loop over steps and lanes (`rans_compiled`) that gives
+bit-identical symbols and the same errors.
 """
 
+import functools
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -394,25 +398,56 @@ def _split_payload(payload: bytes | memoryview, n_lanes: int) -> tuple[np.ndarra
     return states, words
 
 
-def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
-    """The step loop: fills out (sum(lengths),) from the batch's lanes, whose words lie per item in consecutive
-    blocks. Raises CodecError on any inconsistency."""
-    states, words, lengths, tables, freq = batch.states, batch.words, batch.lengths, batch.tables, batch.freq
-    lane_item, item_words = batch.lane_item, batch.item_words
-    many = item_words.size > 1
-    n_tables, alphabet = freq.shape
-    fail = batch.lane_error
+def decoder() -> str:
+    """The step loop `decode` uses: "compiled" (numba, when installed) or "numpy"; $KVC_RANS_DECODER forces one."""
+    wanted = os.environ.get("KVC_RANS_DECODER", "auto")
+    if wanted not in ("auto", "compiled", "numpy"):
+        raise CodecError(f"KVC_RANS_DECODER={wanted!r}: use auto, compiled or numpy")
+    if wanted == "numpy":
+        return "numpy"
+    if _compiled() is None:
+        if wanted == "compiled":
+            raise CodecError("KVC_RANS_DECODER=compiled needs numba: pip install 'kvc-format[fast]'")
+        return "numpy"
+    return "compiled"
 
-    # Per (table, symbol): freq | next << 16 | cum << 32, next being the following symbol of non-zero frequency.
+
+def warm_up() -> str:
+    """Import and load the compiled step loop now (about 0.3 s once per process: numba's import, then its cached
+    machine code, compiled on the first use ever), so that a timed decode later does not pay it. Returns
+    `decoder()`."""
+    chosen = decoder()
+    if chosen == "compiled":
+        symbols = np.zeros(4, dtype=np.uint8)
+        freq = np.array([[M - 1, 1]], dtype=np.uint16)
+        lanes, tables = np.array([symbols.size]), np.array([0])
+        decode(encode(symbols, lanes, tables, freq), lanes, tables, freq)
+    return chosen
+
+
+@functools.cache
+def _compiled():
+    """The compiled step loop, or None without numba."""
+    try:
+        from . import rans_compiled
+    except ImportError:
+        return None
+    return rans_compiled
+
+
+def _symbol_lookup(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(packed, lookup, shift) for tables (T, A): per (table, symbol), packed = freq | next << 16 | cum << 32, next
+    being the following symbol of non-zero frequency; per table, lookup holds the symbol owning the first slot of each
+    bucket of 2**shift slots. A slot further into a bucket may belong to a later symbol: the decoder then follows
+    `next` (at most 2**shift - 1 times)."""
+    n_tables, alphabet = freq.shape
     freq64 = freq.astype(np.int64)
     cum = np.cumsum(freq64, axis=1) - freq64
     following = np.where(freq64 > 0, np.arange(alphabet), alphabet)
     following = np.minimum.accumulate(following[:, ::-1], axis=1)[:, ::-1]  # first non-zero symbol at or after s
     following = np.concatenate([following[:, 1:], np.full((n_tables, 1), alphabet - 1)], axis=1)
     following = np.minimum(following, alphabet - 1)
-    packed = (freq64 | (following << 16) | (cum << 32)).astype(np.uint64).reshape(-1)
-    # Slot -> symbol lookup: per table, the symbol holding the first slot of each bucket of 2**shift slots. A slot
-    # further into a bucket may belong to a later symbol; the loop then follows `next` (at most 2**shift - 1 times).
+    packed = (freq64 | (following << 16) | (cum << 32)).reshape(-1)
     shift = 0
     while shift < PROB_BITS and n_tables * (M >> shift) > _LOOKUP_BUDGET:
         shift += 1
@@ -421,9 +456,72 @@ def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
     last = (cum + freq64 + bucket - 1) >> shift
     symbol_ids = np.broadcast_to(np.arange(alphabet, dtype=np.uint8), (n_tables, alphabet)).reshape(-1)
     lookup = np.repeat(symbol_ids, (last - first).reshape(-1))
+    return packed, lookup, shift
 
-    item_end = np.cumsum(item_words)
-    item_ptr = item_end - item_words  # next word of each item, in the concatenated word array
+
+def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
+    """The step loop: fills out (sum(lengths),) from the batch's lanes, whose words lie per item in consecutive
+    blocks. Raises CodecError on any inconsistency."""
+    item_end = np.cumsum(batch.item_words)
+    item_ptr = item_end - batch.item_words  # next word of each item, in the concatenated word array
+    if decoder() == "compiled":
+        _compiled_steps(out, batch, item_ptr, item_end)
+    else:
+        packed, lookup, shift = _symbol_lookup(batch.freq)
+        _numpy_steps(out, batch, packed.astype(np.uint64), lookup, shift, item_ptr, item_end)
+    extra = np.flatnonzero(item_ptr != item_end)
+    if extra.size:
+        k = int(extra[0])
+        where = f"item {k}: " if batch.item_words.size > 1 else ""
+        raise CodecError(f"{where}{int(item_end[k] - item_ptr[k])} words are left over after the last symbol")
+
+
+def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, item_end: np.ndarray) -> None:
+    kernel = _compiled()
+    cum, cum_start, first, bucket = _compact_cumulative(batch.freq)
+    starts = np.cumsum(batch.lengths) - batch.lengths
+    status, lane, step, state = kernel.decode_steps(
+        out, batch.states.astype(np.int64), batch.words, batch.lengths, batch.tables, starts, batch.lane_item,
+        item_ptr, item_end, cum, cum_start, first, bucket, BUCKET_BITS, PROB_BITS, L, WORD_BITS)
+    if status == kernel.TRUNCATED:
+        raise batch.lane_error(int(lane), f"payload is truncated (step {int(step)})")
+    if status == kernel.BAD_FINAL_STATE:
+        raise batch.lane_error(int(lane), f"final state {int(state)} is not {L}: the payload is corrupt")
+
+
+BUCKET_BITS = 6  # the compiled decoder finds a slot's symbol from its bucket of 64 slots, then at most a few steps
+
+
+def _compact_cumulative(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tables (T, A) → (cum, start, first, bucket), for the compiled decoder. Each table keeps only its symbols from
+    the first to the last of non-zero frequency (quantized symbols cluster, e.g. 8 values around 128 at 3 bits):
+    cum[start[r] + j] is the cumulative frequency of symbol first[r] + j, and one more entry holds M. bucket[r, b]
+    is the j whose symbol owns slot b·64 of table r: a slot's symbol is at most a few steps past its bucket's."""
+    n_tables, alphabet = freq.shape
+    nonzero = freq > 0  # every table has a non-zero symbol (it sums to M)
+    first = np.argmax(nonzero, axis=1)
+    end = alphabet - np.argmax(nonzero[:, ::-1], axis=1)
+    full = np.zeros((n_tables, alphabet + 1), dtype=np.int64)
+    np.cumsum(freq, axis=1, dtype=np.int64, out=full[:, 1:])
+    columns = np.arange(alphabet + 1)[None, :]
+    cum = full[(columns >= first[:, None]) & (columns <= end[:, None])]  # row after row; full[r, end[r]] is M
+    width = end - first + 1
+    start = np.concatenate([[0], np.cumsum(width)[:-1]])
+    # bucket lookup by one search over all rows: row r's values lifted by r·M keep the whole array sorted
+    lifted = cum + np.repeat(np.arange(n_tables) * M, width)
+    queries = (np.arange(n_tables)[:, None] * M + (np.arange(M >> BUCKET_BITS) << BUCKET_BITS)[None, :])
+    bucket = np.searchsorted(lifted, queries.reshape(-1), side="right").reshape(n_tables, -1) - 1 - start[:, None]
+    return cum.astype(np.int32), start, first.astype(np.int64), bucket.astype(np.uint8).reshape(-1)
+
+
+def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: np.ndarray, shift: int,
+                 item_ptr: np.ndarray, item_end: np.ndarray) -> None:
+    """The step loop in numpy: each step decodes one symbol of every active lane at once."""
+    states, words, lengths, tables, freq = batch.states, batch.words, batch.lengths, batch.tables, batch.freq
+    lane_item, item_words = batch.lane_item, batch.item_words
+    many = item_words.size > 1
+    alphabet = freq.shape[1]
+    fail = batch.lane_error
     n_items = item_words.size
 
     starts = np.cumsum(lengths) - lengths
@@ -477,7 +575,7 @@ def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
                     short_lane = need[int(np.searchsorted(owner, k)) + int(item_end[k] - item_ptr[k])]
                     raise fail(int(lane_id[short_lane]), f"payload is truncated (step {t})")
                 at = item_ptr[owner] + np.arange(need.size) - (np.cumsum(count) - count)[owner]
-                item_ptr = ptr
+                item_ptr[:] = ptr
                 w = words[at]
             else:
                 p = int(item_ptr[0])
@@ -498,8 +596,4 @@ def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
             x, pos, length, lbase, tbase, item, lane_id = (
                 a[keep] for a in (x, pos, length, lbase, tbase, item, lane_id)
             )
-    extra = np.flatnonzero(item_ptr != item_end)
-    if extra.size:
-        k = int(extra[0])
-        where = f"item {k}: " if many else ""
-        raise CodecError(f"{where}{int(item_end[k] - item_ptr[k])} words are left over after the last symbol")
+

@@ -20,7 +20,7 @@ from .errors import KvcError
 from .fingerprint import differences, fingerprint
 from .models import LoadedModel
 from .progress import TaskFactory, silent_task
-from .rope import rope_tables, rotate
+from .rope import rope_tables
 from .tensors import from_stored
 
 
@@ -184,13 +184,27 @@ def _rope(model: PreTrainedModel, tokens: int) -> tuple[torch.Tensor, torch.Tens
     tables = rope_tables(model, torch.arange(tokens))
     if tables is None:
         raise KvcError("this file stores keys before RoPE, but the model has no rotary embedding kvc can apply")
+    cos, sin = tables
+    half = cos.shape[-1] // 2
+    if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        raise KvcError("this file stores keys before RoPE, but the model's rotary tables are not in the rotate-half "
+                       "form kvc re-applies")
     return tables
 
 
 def _rotate_rows(keys: torch.Tensor, positions: tuple, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Re-apply RoPE to keys stored with it removed: keys (kept, head_dim) float32, rows in head order."""
+    """Re-apply RoPE, in place, to keys stored with it removed: keys (kept, head_dim) float32, rows in head order.
+
+    RoPE tables are concat(cos θ, cos θ) (and sin alike), so each half of the rotary channels needs only the first
+    half of its row: two gathers of (kept, rotary_dim / 2) and two products of that size, no concatenation."""
+    half = cos.shape[-1] // 2
     rows = torch.from_numpy(np.concatenate(positions)).to(device=cos.device, dtype=torch.int64)
-    return rotate(keys, cos[rows].to(keys.device), sin[rows].to(keys.device))
+    c, s = cos[rows, :half].to(keys.device), sin[rows, :half].to(keys.device)
+    first, second = keys[:, :half], keys[:, half : 2 * half]
+    first_sin, second_sin = first * s, second * s
+    first.mul_(c).sub_(second_sin)
+    second.mul_(c).add_(first_sin)
+    return keys
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ sinks, pruning + quantization, presets, errors before the costly work."""
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,21 @@ def test_layer_batches_do_not_change_the_cache(tmp_path, prefilled, monkeypatch)
     apart = load(path, pre.lm)
     for a, b in zip(together.cache.layers, apart.cache.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("rotary", [64, 32])
+def test_rope_reapplied_in_place_equals_the_rotation(rotary):
+    """The load path's in-place RoPE (half-width gathers, no concatenation) gives exactly the keys of
+    `rope.rotate`, on the whole head and on a partial rotary part."""
+    from kvzip_cli.load import _rotate_rows
+    from kvzip_cli.rope import rotate
+
+    torch.manual_seed(0)
+    positions = (np.array([0, 5, 9, 19]), np.array([1, 2]), np.array([7]))
+    keys = torch.randn(7, 64)
+    freqs = 1.0 / 10000 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary)
+    angles = torch.arange(20, dtype=torch.float32)[:, None] * freqs[None]
+    cos, sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([angles, angles], dim=-1).sin()
+    rows = torch.from_numpy(np.concatenate(positions))
+    expected = rotate(keys, cos[rows], sin[rows])
+    assert torch.equal(_rotate_rows(keys.clone(), positions, cos, sin), expected)

@@ -2,6 +2,7 @@
 lane layouts, coding cost against the ideal and the empirical entropy, frequency quantisation, hostile payloads."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,19 @@ from hypothesis import strategies as st
 
 from kvc_format import CodecError, rans
 from kvc_format.rans import PROB_BITS, L, M
+
+
+@pytest.fixture(autouse=True, params=["numpy", "compiled"])
+def step_loop(request, monkeypatch):
+    """Every test here runs with both decoders: the numpy loop (the fallback without numba) and the compiled one.
+    Under CI numba must be there (it comes with the test extra); elsewhere its absence skips the compiled runs."""
+    if request.param == "compiled" and rans._compiled() is None:
+        if os.environ.get("CI"):
+            pytest.fail("numba is missing: the compiled rANS decoder cannot be tested")
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("KVC_RANS_DECODER", request.param)
+    assert rans.decoder() == request.param
+    return request.param
 
 # ------------------------------------------------------------------------------------------- scalar reference
 
@@ -432,3 +446,4 @@ def test_states_stay_below_two_to_the_32():
     payload = rans.encode(symbols, [20_000], [0], freq)
     assert np.array_equal(rans.decode(payload, [20_000], [0], freq), symbols)
     assert math.isclose(len(payload), ideal_bits(symbols, [20_000], [0], freq) / 8 + 4, rel_tol=0.05, abs_tol=8)
+

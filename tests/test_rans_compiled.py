@@ -1,0 +1,70 @@
+"""The compiled rANS step loop (numba) against the numpy one: bit-identical symbols and the same errors on good,
+corrupt and golden payloads; test_rans.py runs its whole suite under each of them as well."""
+
+import os
+
+import numpy as np
+import pytest
+
+from kvc_format import CodecError, KvcReader, rans
+
+from attacks import GOLDEN
+from test_rans import coded
+
+if rans._compiled() is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("numba is missing: the compiled rANS decoder cannot be tested")
+    pytest.skip("numba is not installed", allow_module_level=True)
+
+
+# ------------------------------------------------------------------------------------ the two decoders agree
+
+
+def _both(monkeypatch, decode):
+    """decode() under each decoder: its result, or its error's type and message."""
+    outcomes = []
+    for name in ("numpy", "compiled"):
+        monkeypatch.setenv("KVC_RANS_DECODER", name)
+        try:
+            outcomes.append(decode())
+        except CodecError as error:
+            outcomes.append((type(error), str(error)))
+    return outcomes
+
+
+def test_decoders_agree_on_good_and_corrupt_payloads(monkeypatch):
+    """Bit-identical symbols, and the same error for every corruption (truncation, flipped bits, a bad final
+    state, words left over), lane for lane."""
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        symbols, lengths, tables, freq = coded(rng, int(rng.integers(1, 60)), 200, 5, 256 if trial % 2 else 9,
+                                               lengths=None)
+        payload = bytearray(rans.encode(symbols, lengths, tables, freq))
+        variants = [bytes(payload), bytes(payload[:-2]), bytes(payload) + b"\1\0"]
+        for _ in range(4):
+            bad = bytearray(payload)
+            bad[int(rng.integers(0, len(bad)))] ^= 1 << int(rng.integers(0, 8))
+            variants.append(bytes(bad))
+        for variant in variants:
+            numpy_out, compiled_out = _both(monkeypatch, lambda v=variant, a=lengths, b=tables, f=freq:
+                                                     rans.decode(v, a, b, f))
+            if isinstance(numpy_out, np.ndarray):
+                assert isinstance(compiled_out, np.ndarray) and np.array_equal(numpy_out, compiled_out)
+            else:
+                assert numpy_out == compiled_out
+
+
+def test_decoders_agree_on_every_golden_file(monkeypatch):
+    for path in sorted(GOLDEN.glob("*.kvc")):
+        def layers(path=path):
+            with KvcReader(path) as reader:
+                return [(s.keys.data.copy(), s.values.data.copy()) for _, s in reader.iter_layers()]
+        numpy_layers, compiled_layers = _both(monkeypatch, layers)
+        for a, b in zip(numpy_layers, compiled_layers, strict=True):
+            assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), path.name
+
+
+def test_unknown_decoder_is_refused(monkeypatch):
+    monkeypatch.setenv("KVC_RANS_DECODER", "fortran")
+    with pytest.raises(CodecError, match="KVC_RANS_DECODER"):
+        rans.decoder()
