@@ -477,16 +477,25 @@ def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
 
 
 def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, item_end: np.ndarray) -> None:
+    """Each item decoded on its own by the compiled loop (items in parallel); the error raised is the one the numpy
+    loop, which steps all items together, meets first: the earliest step, a truncation before a bad final state
+    within a step, then the lowest lane."""
     kernel = _compiled()
     cum, cum_start, first, bucket = _compact_cumulative(batch.freq)
     starts = np.cumsum(batch.lengths) - batch.lengths
-    status, lane, step, state = kernel.decode_steps(
-        out, batch.states.astype(np.int64), batch.words, batch.lengths, batch.tables, starts, batch.lane_item,
-        item_ptr, item_end, cum, cum_start, first, bucket, BUCKET_BITS, PROB_BITS, L, WORD_BITS)
+    lane_end = np.cumsum(batch.item_lanes)
+    results = np.zeros((batch.item_lanes.size, 4), dtype=np.int64)
+    kernel.decode_items(out, batch.states.astype(np.int64), batch.words, batch.lengths, batch.tables, starts,
+                        lane_end - batch.item_lanes, lane_end, item_ptr, item_end, cum, cum_start, first, bucket,
+                        BUCKET_BITS, PROB_BITS, L, WORD_BITS, results)
+    failed = results[results[:, 0] != kernel.OK]
+    if not failed.size:
+        return
+    order = {kernel.TRUNCATED: 0, kernel.BAD_FINAL_STATE: 1}
+    status, lane, step, state = min(failed.tolist(), key=lambda r: (r[2], order[r[0]], r[1]))
     if status == kernel.TRUNCATED:
-        raise batch.lane_error(int(lane), f"payload is truncated (step {int(step)})")
-    if status == kernel.BAD_FINAL_STATE:
-        raise batch.lane_error(int(lane), f"final state {int(state)} is not {L}: the payload is corrupt")
+        raise batch.lane_error(lane, f"payload is truncated (step {step})")
+    raise batch.lane_error(lane, f"final state {state} is not {L}: the payload is corrupt")
 
 
 BUCKET_BITS = 6  # the compiled decoder finds a slot's symbol from its bucket of 64 slots, then at most a few steps

@@ -199,9 +199,13 @@ def test_load_refuses_a_decoder_it_cannot_run(kvc_file, monkeypatch):
                           "the triton decoder")
 
 
-def test_load_reports_its_decoder(kvc_file):
-    result = run("load", kvc_file, "--json")
-    assert json.loads(result.stdout)["decoder"] == "numpy"
+def test_load_reports_its_decoder(kvc_file, monkeypatch):
+    from kvc_format import rans
+
+    result = json.loads(run("load", kvc_file, "--json").stdout)
+    assert result["decoder"] == "numpy" and result["rans_decoder"] == rans.decoder()
+    monkeypatch.setenv("KVC_RANS_DECODER", "numpy")
+    assert json.loads(run("load", kvc_file, "--json").stdout)["rans_decoder"] == "numpy"
 
 
 def test_cli_choices_match_the_registries():

@@ -68,3 +68,27 @@ def test_unknown_decoder_is_refused(monkeypatch):
     monkeypatch.setenv("KVC_RANS_DECODER", "fortran")
     with pytest.raises(CodecError, match="KVC_RANS_DECODER"):
         rans.decoder()
+
+
+def test_decoders_agree_on_batches_with_several_corrupt_items(monkeypatch):
+    """The compiled loop decodes each item on its own (in parallel); it must still raise the error the numpy loop,
+    which steps all items together, meets first."""
+    rng = np.random.default_rng(9)
+    items = []
+    for _ in range(6):
+        symbols, lengths, tables, freq = coded(rng, int(rng.integers(1, 30)), 150, 3, 9, lengths=None)
+        items.append((rans.encode(symbols, lengths, tables, freq), lengths, tables, freq))
+    for trial in range(40):
+        batch = list(items)
+        for k in rng.choice(len(batch), size=int(rng.integers(1, 4)), replace=False):
+            payload = bytearray(batch[k][0])
+            if trial % 3 == 0:
+                payload = payload[:-2]
+            else:
+                payload[int(rng.integers(0, len(payload)))] ^= 1 << int(rng.integers(0, 8))
+            batch[k] = (bytes(payload), *batch[k][1:])
+        numpy_out, compiled_out = _both(monkeypatch, lambda b=batch: rans.decode_many(b))
+        if isinstance(numpy_out, list):
+            assert all(np.array_equal(a, b) for a, b in zip(numpy_out, compiled_out, strict=True))
+        else:
+            assert numpy_out == compiled_out
