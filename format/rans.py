@@ -46,6 +46,7 @@ _EMIT_SHIFT = 32 - PROB_BITS
 # About the size of a core's L2 cache: a larger, exact lookup measured slower for thousands of tables.
 _LOOKUP_BUDGET = 1 << 21
 _INT64_MAX = np.iinfo(np.int64).max
+BUCKET_BITS = 6  # the compiled decoder finds a slot's symbol from its bucket of 64 slots, then at most a few steps
 
 DecodeItem = tuple[bytes | memoryview, np.ndarray, np.ndarray, np.ndarray]
 
@@ -447,7 +448,7 @@ def _symbol_lookup(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     following = np.minimum.accumulate(following[:, ::-1], axis=1)[:, ::-1]  # first non-zero symbol at or after s
     following = np.concatenate([following[:, 1:], np.full((n_tables, 1), alphabet - 1)], axis=1)
     following = np.minimum(following, alphabet - 1)
-    packed = (freq64 | (following << 16) | (cum << 32)).reshape(-1)
+    packed = (freq64 | (following << 16) | (cum << 32)).astype(np.uint64).reshape(-1)
     shift = 0
     while shift < PROB_BITS and n_tables * (M >> shift) > _LOOKUP_BUDGET:
         shift += 1
@@ -468,7 +469,7 @@ def _decode_lanes(out: np.ndarray, batch: LaneBatch) -> None:
         _compiled_steps(out, batch, item_ptr, item_end)
     else:
         packed, lookup, shift = _symbol_lookup(batch.freq)
-        _numpy_steps(out, batch, packed.astype(np.uint64), lookup, shift, item_ptr, item_end)
+        _numpy_steps(out, batch, packed, lookup, shift, item_ptr, item_end)
     extra = np.flatnonzero(item_ptr != item_end)
     if extra.size:
         k = int(extra[0])
@@ -496,9 +497,6 @@ def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, ite
     if status == kernel.TRUNCATED:
         raise batch.lane_error(lane, f"payload is truncated (step {step})")
     raise batch.lane_error(lane, f"final state {state} is not {L}: the payload is corrupt")
-
-
-BUCKET_BITS = 6  # the compiled decoder finds a slot's symbol from its bucket of 64 slots, then at most a few steps
 
 
 def _compact_cumulative(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -605,4 +603,3 @@ def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: 
             x, pos, length, lbase, tbase, item, lane_id = (
                 a[keep] for a in (x, pos, length, lbase, tbase, item, lane_id)
             )
-

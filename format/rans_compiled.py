@@ -2,10 +2,10 @@
 wheels for Linux x86_64 and aarch64 and macOS arm64, so no compiler is needed). Without it `rans` runs its numpy
 loop, which decodes the same symbols and raises the same errors.
 
-One lane at a time per step, lanes in index order: exactly the order in which the numpy loop hands words to the
-lanes that renormalise (step ascending, then lane ascending, each item's words in turn), so the symbols are
-bit-identical. All arithmetic is in int64 (states < 2**32, products < 2**36): numba would turn mixed unsigned and
-signed operands into floats.
+Within an item (one payload, its own words), one lane at a time per step, lanes in index order: exactly the order
+in which the numpy loop hands an item's words to the lanes that renormalise (step ascending, then lane ascending),
+so the symbols are bit-identical; items share nothing, so they decode on their own, in parallel. All arithmetic is
+in int64 (states < 2**32, products < 2**36): numba would turn mixed unsigned and signed operands into floats.
 """
 
 import numpy as np

@@ -98,17 +98,17 @@ class CompressResult:
 
 
 def check_settings(codec: str, ratio: float, bits: int, chunk_size: int, scorer: str,
-                    allocation: str | None, quant: QuantOptions = QuantOptions()) -> None:
+                   allocation: str | None, quant: QuantOptions = QuantOptions()) -> None:
     if codec not in CODECS:
         raise UsageError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
     if bits not in FLOAT_BITS + QUANT_BITS:
         raise UsageError(f"--bits {bits}: use 16 or 32 (floats) or {', '.join(map(str, QUANT_BITS))} (quantized)")
     if codec == "ans" and bits in FLOAT_BITS:
         raise UsageError(f"--codec ans entropy-codes quantized symbols: use it with --bits "
-                       f"{'|'.join(map(str, QUANT_BITS))}, or --codec zstd for {bits}-bit floats")
+                         f"{'|'.join(map(str, QUANT_BITS))}, or --codec zstd for {bits}-bit floats")
     if quant.key_bits is not None and (quant.key_bits not in QUANT_BITS or bits not in QUANT_BITS):
         raise UsageError(f"--key-bits {quant.key_bits}: use one of {', '.join(map(str, QUANT_BITS))}, with --bits "
-                       "quantized too")
+                         "quantized too")
     if quant.value_group is not None and quant.value_group < 1:
         raise UsageError(f"--group {quant.value_group} must be at least 1")
     if not 0 < ratio <= 1:

@@ -277,6 +277,8 @@ def _calibration_line(calibration: dict) -> str:
 def _questions(prompts: list[str] | None, questions: Path | None) -> list[str]:
     """Every --prompt in order, then every line of --questions but blank ones and # comments."""
     asked = list(prompts or [])
+    if any(not p.strip() for p in asked):
+        raise UsageError("--prompt is empty: give a question")
     if questions is not None:
         from .document import read_document
 
@@ -284,9 +286,6 @@ def _questions(prompts: list[str] | None, questions: Path | None) -> list[str]:
         asked += [line for line in lines if line and not line.startswith("#")]
         if not asked:
             raise KvcError(f"{questions} holds no question (one per line)")
-    for question in asked:
-        if not question.strip():
-            raise UsageError("--prompt is empty: give a question")
     return asked
 
 
@@ -345,11 +344,13 @@ def load(
     asked = _questions(prompt, questions)
     with _open(file) as reader:
         header = reader.header
-    choose_decoder(decoder.value, resolve_device(device))  # refuse before the model loads
+    chosen = choose_decoder(decoder.value, resolve_device(device))  # refuse before the model loads
     model_name = model or header["model"].get("name") or "smollm2"
     t0 = time.perf_counter()
     lm = load_model(model_name, device=device, dtype=dtype)
-    rans_decoder = rans.warm_up()  # start-up, like the model's: load_seconds times the file alone
+    entropy_coded = chosen == "numpy" and header.get("settings", {}).get("codec") == "ans"
+    # start-up, like the model's: load_seconds times the file alone
+    rans_decoder = rans.warm_up() if entropy_coded else None
     model_seconds = time.perf_counter() - t0
     with progress_bars(not json_output) as task:
         kv = run_load(file, lm, task=task, decoder=decoder.value)
@@ -364,7 +365,7 @@ def load(
         "cache_bytes": kv.cache_bytes(),
         "load_seconds": kv.load_seconds,
         "decoder": kv.decoder,
-        "rans_decoder": rans_decoder if kv.decoder == "numpy" else None,
+        "rans_decoder": rans_decoder,
         "prefill_seconds": timings.get("prefill_seconds"),
         "prefill_device": timings.get("device"),
         "prefill_here_seconds": prefill_here,
@@ -548,29 +549,33 @@ class CacheType(str, Enum):
     q8_0 = "q8_0"
 
 
-def _runtime_gguf(header: dict, gguf: Path | None) -> Path:
-    """The GGUF model llama.cpp will load: --gguf, else the one the .kvc's model was converted from, if known."""
-    if gguf is not None:
-        return gguf
-    name = str(header["model"].get("name") or "")
-    if name.endswith(".gguf") and Path(name).is_file():
-        return Path(name)
+def _recorded_gguf(header: dict) -> Path | None:
+    """The GGUF file the .kvc's model was converted from, when it is known here: the embedded model's, or a .gguf
+    `--model` that still exists."""
     from .model_files import EMBEDDED, embedded_gguf
 
+    name = str(header["model"].get("name") or "")
     if name == EMBEDDED:
         return embedded_gguf()
-    raise KvcError(f"--to llama.cpp needs --gguf: the GGUF file of {name or 'the model'} that llama.cpp will load")
+    return Path(name) if name.endswith(".gguf") and Path(name).is_file() else None
+
+
+def _runtime_gguf(header: dict, gguf: Path | None) -> Path:
+    """The GGUF model llama.cpp will load: --gguf, else the one the .kvc's model was converted from, if known."""
+    gguf = gguf or _recorded_gguf(header)
+    if gguf is None:
+        name = header["model"].get("name") or "the model"
+        raise KvcError(f"--to llama.cpp needs --gguf: the GGUF file of {name} that llama.cpp will load")
+    return gguf
 
 
 def _mlx_model(header: dict) -> str:
     """What MLX-LM should load for the .kvc's model: the embedded model's converted folder, else its recorded name."""
-    from .model_files import EMBEDDED, converted_location, embedded_gguf, is_converted
+    from .model_files import converted_location, is_converted
 
-    name = str(header["model"].get("name") or "")
-    gguf = embedded_gguf() if name == EMBEDDED else Path(name) if name.endswith(".gguf") and Path(name).is_file() \
-        else None
+    gguf = _recorded_gguf(header)
     if gguf is None:
-        return name
+        return str(header["model"].get("name") or "")
     folder = converted_location(gguf)
     if not is_converted(folder):  # the one case that needs transformers: converting the GGUF
         from .models import converted_folder
@@ -754,12 +759,12 @@ def _bench_lengths(document: Path, model: str, lengths: str, preset: str, plot: 
     from .progress import progress_bars
 
     counts = parse_lengths(lengths)
-    rans.warm_up()  # the compiled decoder's one-time start-up stays out of the first length's load time
     if "," in preset:
         raise UsageError("--lengths measures one preset: pass a single --presets value")
     get_preset(preset)
     text = read_document(str(document))
     lm = load_model(model, device=device, dtype=dtype)
+    rans.warm_up()  # the compiled decoder's one-time start-up stays out of the first length's load time
     check_lengths(lm, counts)
     with progress_bars(True) as task:
         rows, notes = run_lengths(text, lm, counts, preset, task=task)

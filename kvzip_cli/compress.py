@@ -89,10 +89,7 @@ def compress_text(
     check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
     check_output(Path(output))
     started = time.perf_counter()
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-    check_supported(lm.model)  # before head_dim, which a state-space model lacks
-    if bits in QUANT_BITS:  # before the costly prefill
-        value_group(quant, head_dim(lm.model))
+    lm = _checked_model(model, device, dtype, quant if bits in QUANT_BITS else None)
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
         pruning = None
@@ -118,15 +115,23 @@ def _calibrated(text: str, output: str | os.PathLike, target, budget: float | No
     check_settings("ans", 1.0, 4, chunk_size, scorer, allocation, quant)
     check_output(Path(output))
     started = time.perf_counter()
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-    check_supported(lm.model)  # before head_dim, which a state-space model lacks
-    value_group(quant, head_dim(lm.model))
+    lm = _checked_model(model, device, dtype, quant)
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
         scored = score_context(lm, pre.cache, pre.layout, scorer, task)
         _, result = calibrate(pre, scored, target, Path(output), budget=budget,
                               allocation=allocation, quant=quant, task=task)
     return replace(result, seconds=time.perf_counter() - started)
+
+
+def _checked_model(model: str | LoadedModel, device: str, dtype: str, quant: QuantOptions | None) -> LoadedModel:
+    """The model, loaded if named, refused if kvc cannot cache it, and with `quant` (a quantized write) its head
+    size checked against --group: all before the costly prefill."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    check_supported(lm.model)  # before head_dim, which a state-space model lacks
+    if quant is not None:
+        value_group(quant, head_dim(lm.model))
+    return lm
 
 
 def compress(document: str | os.PathLike, output: str | os.PathLike, **options) -> CompressResult:

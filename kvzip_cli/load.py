@@ -19,6 +19,7 @@ from .document import question_ids
 from .errors import KvcError
 from .fingerprint import differences, fingerprint
 from .models import LoadedModel
+from .prefill import prefill
 from .progress import TaskFactory, silent_task
 from .rope import rope_tables
 from .tensors import from_stored
@@ -254,8 +255,6 @@ def ask(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, kv: LoadedKV
 def measure_prefill(model: PreTrainedModel, kv: LoadedKV, chunk_size: int, task: TaskFactory = silent_task) -> float:
     """Seconds this machine takes to prefill the document the cache holds (what answering costs without kvc), in
     chunks of `chunk_size` tokens as `kvc compress` does."""
-    from .prefill import prefill
-
     prefix = kv.input_ids[0].tolist()
     advance = task("prefill", len(prefix))
     started = time.perf_counter()

@@ -141,7 +141,7 @@ def converted_folder(gguf: Path) -> Path:
         try:
             os.replace(tmp, folder)
         except OSError:  # another process converted it first
-            if not (folder / "config.json").is_file():
+            if not is_converted(folder):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
