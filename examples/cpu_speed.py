@@ -1,11 +1,12 @@
 """Load and answer speed on the CPU, this checkout against an earlier commit, side by side in one run.
 
-    python examples/cpu_speed.py FILE.kvc ... [--against REV] [--rounds 3] [--tokens 64] [--json OUT]
+    python examples/cpu_speed.py FILE.kvc ... [--against REV] [--rounds 3] [--tokens 64] [--busy N] [--json OUT]
 
 For every .kvc file and each code version (REV, checked out into a temporary worktree, and this working tree, run
 alternately in child processes so both see the same machine load): `kvc load` time (file → cache ready, median of
 the rounds), the torch-free reader's decode alone (float16 MB/s of output, rANS symbols/s), and seconds per
 generated token over a fixed number of greedy tokens (EOS suppressed so every run decodes the same count).
+`--busy N` keeps N other processes spinning on the CPU meanwhile: a loaded machine.
 """
 
 import argparse
@@ -35,6 +36,10 @@ assert kvzip_cli.__file__.startswith(source), kvzip_cli.__file__
 from kvzip_cli.load import load
 from kvzip_cli.models import load_model
 lm = load_model("smollm2")
+for name in ("quantized", "rans"):
+    if hasattr(getattr(kvc_format, name), "warm_up"):
+        getattr(kvc_format, name).warm_up()
+        break
 rows = []
 for path in files:
     with kvc_format.KvcReader(path) as reader:
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--against", default="HEAD", help="the earlier commit (default: HEAD)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU while measuring")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     files = [str(Path(f).resolve()) for f in args.files]
@@ -88,12 +94,15 @@ def main() -> None:
         old = Path(tmp) / "old"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.against], check=True,
                        capture_output=True)
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
         try:
             results = {"old": [], "new": []}
             for f in files:  # alternate, so that both versions see the same machine load
                 results["old"] += measure(old, [f], args.rounds, args.tokens)
                 results["new"] += measure(ROOT, [f], args.rounds, args.tokens)
         finally:
+            for spinner in spinners:
+                spinner.kill()
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
     print(f"{'file':<24}{'tokens':>7}  {'load s':>13}  {'reader MB/s':>13}  {'Msymbols/s':>13}  {'s/token':>13}")
     print(f"{'':<31}" + "  ".join(f"{'old':>6} {'new':>6}" for _ in range(4)))
@@ -103,7 +112,7 @@ def main() -> None:
               f"{o['decode_mb_per_s']:6.0f} {n['decode_mb_per_s']:6.0f}  {sym[0]} {sym[1]}  "
               f"{o['seconds_per_token']:6.3f} {n['seconds_per_token']:6.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"against": args.against, **results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"against": args.against, "busy": args.busy, **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,15 +17,18 @@ from .constants import bfloat16_to_float32
 from .errors import MetadataError
 from .positions import encode_positions
 from .quant import (
+    KEY_CENTRE,
     KEY_LEVELS,
     KeyCode,
     ValueCode,
     dequantize_keys,
     dequantize_values,
+    head_index,
     quantize_keys,
     quantize_values,
     quantize_values_uniform,
 )
+from .rope import rotate_rows
 
 LANE_ROWS = 1024
 MAX_LANE_ROWS = 4096  # bounds what a payload can expand to: at most MAX_LANE_ROWS symbols per 4-byte lane state
@@ -252,22 +255,105 @@ def check_value_symbols(arrays: dict[str, np.ndarray], value_symbols: np.ndarray
         raise MetadataError(f"a value symbol exceeds the alphabet of {alphabet}")
 
 
-def decode_layer(arrays: dict[str, np.ndarray], symbols: dict[str, np.ndarray], exact: np.ndarray,
-                 rows_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dequantize one layer: (keys, values), each (kept, head_dim) float32 in the stored row order."""
+def decode_layer(arrays: dict[str, np.ndarray], decoded: dict[str, np.ndarray], exact: np.ndarray,
+                 rows_q: np.ndarray, positions: tuple[np.ndarray, ...] = (),
+                 rope: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dequantize one layer: (keys, values), each (kept, head_dim) float32 in the stored row order. `decoded` holds
+    the rANS-decoded symbol streams, 1-D in lane order (`to_lanes`); the others come from `arrays`. With `rope`
+    ((cos, sin) as `rope.rotate_rows` takes them), the keys are rotated for their `positions` (per head)."""
     dim = arrays["key_zero"].shape[1]
-    check_value_symbols(arrays, symbols["value_symbols"])
+    if "value_symbols" not in decoded:
+        check_value_symbols(arrays, arrays["value_symbols"])
     check_parameters(arrays)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, not warned about
-        k = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], arrays["key_step"]), rows_q)
-        v = dequantize_values(ValueCode(symbols["value_symbols"], arrays["value_zero"], arrays["value_step"]))
     keys = np.empty((exact.size, dim), np.float32)
     values = np.empty((exact.size, dim), np.float32)
     keys[exact], values[exact] = _widen(arrays["exact_keys"]), _widen(arrays["exact_values"])
-    keys[~exact], values[~exact] = k, v
-    if not (np.isfinite(keys).all() and np.isfinite(values).all()):
+    row_positions = np.concatenate(positions).astype(np.int64) if rope is not None else np.zeros(0, np.int64)
+    if rope is not None:
+        _check_rope(rope, row_positions, exact.size, dim)
+        exact_keys = keys[exact]
+        rotate_rows(exact_keys, row_positions[exact], *rope)
+        keys[exact] = exact_keys
+    kernel = _compiled()
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, not warned about
+        if kernel is not None:
+            bad = _compiled_rows(kernel, arrays, decoded, exact, rows_q, row_positions, rope, keys, values)
+            bad += (~np.isfinite(keys[exact])).sum() + (~np.isfinite(values[exact])).sum()
+        else:
+            symbols = {name: from_lanes(decoded[name], rows_q, dim) if name in decoded else arrays[name]
+                       for name in ("key_symbols", "value_symbols")}
+            quantized_keys = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], arrays["key_step"]),
+                                             rows_q)
+            if rope is not None:
+                rotate_rows(quantized_keys, row_positions[~exact], *rope)
+            keys[~exact] = quantized_keys
+            values[~exact] = dequantize_values(ValueCode(symbols["value_symbols"], arrays["value_zero"],
+                                                         arrays["value_step"]))
+            bad = not (np.isfinite(keys).all() and np.isfinite(values).all())
+    if bad:
         raise MetadataError("the layer decodes to non-finite keys or values")
     return keys, values
+
+
+def _check_rope(rope: tuple[np.ndarray, np.ndarray], row_positions: np.ndarray, rows: int, dim: int) -> None:
+    cos, sin = rope
+    if (cos.dtype != np.float32 or sin.dtype != np.float32 or cos.ndim != 2 or sin.shape != cos.shape
+            or not 0 < 2 * cos.shape[1] <= dim or row_positions.size != rows
+            or (rows and int(row_positions.max()) >= cos.shape[0])):
+        raise ValueError(f"RoPE tables {cos.shape} do not cover head_dim {dim} and every kept position as float32")
+
+
+def _compiled():
+    """The compiled dequantizer (`quant_compiled`), or None without numba or where the numpy decoder is chosen."""
+    return rans.compiled_module("quant_compiled")
+
+
+def _compiled_rows(kernel, arrays: dict[str, np.ndarray], decoded: dict[str, np.ndarray], exact: np.ndarray,
+                   rows_q: np.ndarray, row_positions: np.ndarray, rope: tuple[np.ndarray, np.ndarray] | None,
+                   keys: np.ndarray, values: np.ndarray) -> int:
+    """Fill the quantized rows of keys and values with `quant_compiled` (rotating the keys with `rope`, if any);
+    returns how many rows hold a value that is not finite."""
+    step = arrays["value_step"].astype(np.float32)
+    zero = -KEY_CENTRE * step if arrays["value_zero"].shape[0] == 0 else arrays["value_zero"].astype(np.float32)
+    key_symbols, value_symbols = ((decoded[name] if name in decoded else arrays[name]).reshape(-1)
+                                  for name in ("key_symbols", "value_symbols"))
+    out_rows = np.flatnonzero(~exact)
+    heads, dim = arrays["key_zero"].shape
+    n = out_rows.size
+    # The kernel does not check bounds: the reader has checked these shapes, and this repeats it where it matters.
+    if (rows_q.size != heads or int(rows_q.sum()) != n or key_symbols.size != n * dim
+            or value_symbols.size != n * dim or step.shape[0] != n or zero.shape != step.shape
+            or step.shape[1] < 1 or dim % step.shape[1] or arrays["key_step"].shape != (heads, dim)
+            or keys.shape != (exact.size, dim) or values.shape != keys.shape):
+        raise MetadataError("a quantized layer's streams do not match its rows")
+    no_tables = np.zeros((0, 0), np.float32)
+    cos, sin = rope if rope is not None else (no_tables, no_tables)
+    # Writable C-ordered arrays only: numba compiles (and `warm_up` loads) one version per array type.
+    plain = [_writable(a) for a in (key_symbols, value_symbols, arrays["key_zero"], arrays["key_step"], cos, sin)]
+    return kernel.dequantize_rows(plain[0], plain[1], "key_symbols" in decoded, "value_symbols" in decoded,
+                                  head_index(rows_q), np.cumsum(rows_q) - rows_q, rows_q, plain[2], plain[3], zero,
+                                  step, out_rows, row_positions[~exact] if rope is not None else row_positions,
+                                  plain[4], plain[5], keys, values)
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.writeable and a.flags.c_contiguous else a.copy()
+
+
+def warm_up() -> str:
+    """Load the compiled decoder now (`rans.warm_up`, then the dequantizer), so that a timed decode later does not
+    pay for it. Returns `rans.decoder()`."""
+    chosen = rans.warm_up()
+    kernel = _compiled()
+    if kernel is not None:
+        one = np.ones((1, 2), np.float32)
+        arrays = {"key_symbols": np.zeros((1, 2), np.uint8), "value_symbols": np.zeros((1, 2), np.uint8),
+                  "key_zero": one, "key_step": one, "value_zero": np.zeros((0, 1), np.float16),
+                  "value_step": np.ones((1, 1), np.float16)}
+        _compiled_rows(kernel, arrays, {}, np.zeros(1, bool), np.ones(1, np.int64), np.zeros(1, np.int64),
+                       (one[:, :1].copy(), one[:, :1].copy()), np.empty((1, 2), np.float32),
+                       np.empty((1, 2), np.float32))
+    return chosen
 
 
 def _widen(rows: np.ndarray) -> np.ndarray:

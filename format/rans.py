@@ -25,6 +25,7 @@ bit-identical symbols and the same errors.
 """
 
 import functools
+import importlib
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -46,7 +47,7 @@ _EMIT_SHIFT = 32 - PROB_BITS
 # About the size of a core's L2 cache: a larger, exact lookup measured slower for thousands of tables.
 _LOOKUP_BUDGET = 1 << 21
 _INT64_MAX = np.iinfo(np.int64).max
-BUCKET_BITS = 6  # the compiled decoder finds a slot's symbol from its bucket of 64 slots, then at most a few steps
+BUCKET_BITS = 4  # the compiled decoder finds a slot's symbol from its bucket of 16 slots, rarely a step further
 
 DecodeItem = tuple[bytes | memoryview, np.ndarray, np.ndarray, np.ndarray]
 
@@ -400,7 +401,8 @@ def _split_payload(payload: bytes | memoryview, n_lanes: int) -> tuple[np.ndarra
 
 
 def decoder() -> str:
-    """The step loop `decode` uses: "compiled" (numba, when installed) or "numpy"; $KVC_RANS_DECODER forces one."""
+    """How symbols decode: "compiled" (numba, when installed: the rANS step loop here and the dequantizer of
+    `quantized`) or "numpy"; $KVC_RANS_DECODER forces one."""
     wanted = os.environ.get("KVC_RANS_DECODER", "auto")
     if wanted not in ("auto", "compiled", "numpy"):
         raise CodecError(f"KVC_RANS_DECODER={wanted!r}: use auto, compiled or numpy")
@@ -427,13 +429,17 @@ def warm_up() -> str:
 
 
 @functools.cache
-def _compiled():
-    """The compiled step loop, or None without numba."""
+def _compiled(name: str = "rans_compiled"):
+    """kvc_format's module `name` of compiled kernels (rans_compiled, quant_compiled), or None without numba."""
     try:
-        from . import rans_compiled
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
-    return rans_compiled
+
+
+def compiled_module(name: str):
+    """The compiled kernels of module `name` when `decoder()` is "compiled", else None (numpy does their work)."""
+    return _compiled(name) if decoder() == "compiled" else None
 
 
 def _symbol_lookup(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -482,11 +488,12 @@ def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, ite
     loop, which steps all items together, meets first: the earliest step, a truncation before a bad final state
     within a step, then the lowest lane."""
     kernel = _compiled()
-    cum, cum_start, first, bucket = _compact_cumulative(batch.freq)
+    cum, cum_start, first, bucket = kernel.symbol_tables(batch.freq, PROB_BITS, BUCKET_BITS)
+    words = batch.words if batch.words.size else np.zeros(1, batch.words.dtype)  # the kernel reads one word ahead
     starts = np.cumsum(batch.lengths) - batch.lengths
     lane_end = np.cumsum(batch.item_lanes)
     results = np.zeros((batch.item_lanes.size, 4), dtype=np.int64)
-    kernel.decode_items(out, batch.states.astype(np.int64), batch.words, batch.lengths, batch.tables, starts,
+    kernel.decode_items(out, batch.states.astype(np.int64), words, batch.lengths, batch.tables, starts,
                         lane_end - batch.item_lanes, lane_end, item_ptr, item_end, cum, cum_start, first, bucket,
                         BUCKET_BITS, PROB_BITS, L, WORD_BITS, results)
     failed = results[results[:, 0] != kernel.OK]
@@ -497,28 +504,6 @@ def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, ite
     if status == kernel.TRUNCATED:
         raise batch.lane_error(lane, f"payload is truncated (step {step})")
     raise batch.lane_error(lane, f"final state {state} is not {L}: the payload is corrupt")
-
-
-def _compact_cumulative(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tables (T, A) → (cum, start, first, bucket), for the compiled decoder. Each table keeps only its symbols from
-    the first to the last of non-zero frequency (quantized symbols cluster, e.g. 8 values around 128 at 3 bits):
-    cum[start[r] + j] is the cumulative frequency of symbol first[r] + j, and one more entry holds M. bucket[r, b]
-    is the j whose symbol owns slot b·64 of table r: a slot's symbol is at most a few steps past its bucket's."""
-    n_tables, alphabet = freq.shape
-    nonzero = freq > 0  # every table has a non-zero symbol (it sums to M)
-    first = np.argmax(nonzero, axis=1)
-    end = alphabet - np.argmax(nonzero[:, ::-1], axis=1)
-    full = np.zeros((n_tables, alphabet + 1), dtype=np.int64)
-    np.cumsum(freq, axis=1, dtype=np.int64, out=full[:, 1:])
-    columns = np.arange(alphabet + 1)[None, :]
-    cum = full[(columns >= first[:, None]) & (columns <= end[:, None])]  # row after row; full[r, end[r]] is M
-    width = end - first + 1
-    start = np.concatenate([[0], np.cumsum(width)[:-1]])
-    # bucket lookup by one search over all rows: row r's values lifted by r·M keep the whole array sorted
-    lifted = cum + np.repeat(np.arange(n_tables) * M, width)
-    queries = (np.arange(n_tables)[:, None] * M + (np.arange(M >> BUCKET_BITS) << BUCKET_BITS)[None, :])
-    bucket = np.searchsorted(lifted, queries.reshape(-1), side="right").reshape(n_tables, -1) - 1 - start[:, None]
-    return cum.astype(np.int32), start, first.astype(np.int64), bucket.astype(np.uint8).reshape(-1)
 
 
 def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: np.ndarray, shift: int,

@@ -15,6 +15,48 @@ OK, TRUNCATED, BAD_FINAL_STATE = 0, 1, 2
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def symbol_tables(freq, prob_bits, bucket_bits):  # pragma: no cover - compiled
+    """Validated tables (T, A), each summing to 2**prob_bits → (cum, start, first, bucket) for `decode_item`.
+
+    Each table keeps only its symbols from the first to the last of non-zero frequency (quantized symbols cluster,
+    e.g. 8 values around 128 at 3 bits): cum[start[r] + j] is the cumulative frequency of symbol first[r] + j, and
+    one more entry holds 2**prob_bits. bucket[r · B + b], B = 2**(prob_bits − bucket_bits), is the largest j whose
+    cumulative frequency is at or below slot b · 2**bucket_bits: the first candidate for every slot of the bucket."""
+    n_tables, alphabet = freq.shape
+    first = np.empty(n_tables, np.int64)
+    width = np.empty(n_tables, np.int64)
+    for r in prange(n_tables):
+        low = 0
+        while freq[r, low] == 0:
+            low += 1
+        high = alphabet - 1
+        while freq[r, high] == 0:
+            high -= 1
+        first[r] = low
+        width[r] = high - low + 2
+    start = np.empty(n_tables, np.int64)
+    total = 0
+    for r in range(n_tables):
+        start[r] = total
+        total += width[r]
+    cum = np.empty(total, np.int64)
+    buckets = 1 << (prob_bits - bucket_bits)
+    bucket = np.empty(n_tables * buckets, np.uint8)
+    for r in prange(n_tables):
+        base, low, c = start[r], first[r], 0
+        for j in range(width[r] - 1):
+            cum[base + j] = c
+            c += freq[r, low + j]
+        cum[base + width[r] - 1] = c
+        j = 0
+        for b in range(buckets):
+            while cum[base + j + 1] <= b << bucket_bits:
+                j += 1
+            bucket[r * buckets + b] = j
+    return cum, start, first, bucket
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def decode_items(out, states, words, lengths, tables, starts, item_lane_start, item_lane_end, item_ptr, item_end,
                  cum, cum_start, first, bucket, bucket_bits, prob_bits, low, word_bits, results):  # pragma: no cover
     """Decode every item (an independent payload: its own lanes and words) on its own, items in parallel: one
@@ -33,56 +75,70 @@ def decode_items(out, states, words, lengths, tables, starts, item_lane_start, i
 @njit(cache=True, nogil=True)
 def decode_item(out, states, words, lengths, tables, starts, lane_start, lane_end, item_ptr, item_end, item, cum,
                 cum_start, first, bucket, bucket_bits, prob_bits, low, word_bits):  # pragma: no cover - compiled
-    """Fill `out` from lanes lane_start … lane_end − 1 of `item`, whose words start at item_ptr[item] (advanced
-    past those read). Tables as `rans._compact_cumulative` lays them out: a slot's symbol starts from its bucket's
-    and steps on while the next cumulative frequency is still at or below the slot.
+    """Fill `out` from lanes lane_start … lane_end − 1 of `item`, whose words are words[item_ptr[item] :
+    item_end[item]] (item_ptr is advanced past those read; `words` holds at least one element). Tables as
+    `symbol_tables` lays them out: a slot's symbol starts from its bucket's and steps on while the next cumulative
+    frequency is still at or below the slot.
+
+    Steps run in phases up to the next step at which some lane ends, so the inner loop neither checks lengths nor
+    moves lanes; a lane's word is read without a branch (the read is kept only where the lane renormalises).
 
     Returns (status, lane, step, state): TRUNCATED when a lane needs a word the item no longer has,
     BAD_FINAL_STATE when a lane ends at a state other than `low` (the first such lane of the step, once the whole
     step has read its words), else OK."""
     slot_mask = (1 << prob_bits) - 1
     buckets = 1 << (prob_bits - bucket_bits)
-    active = np.empty(lane_end - lane_start, np.int64)
-    x = np.empty(lane_end - lane_start, np.int64)
+    last_word = words.size - 1
+    n = lane_end - lane_start
+    lane = np.empty(n, np.int64)  # per active lane, in index order: its lane number, state, length, …
+    x = np.empty(n, np.int64)
+    length = np.empty(n, np.int64)
+    base = np.empty(n, np.int64)  # where its table's cumulative frequencies start
+    lookup = np.empty(n, np.int64)  # where its table's buckets start
+    symbol0 = np.empty(n, np.int64)  # its table's first symbol
+    at = np.empty(n, np.int64)  # where its symbols go in `out`
     m = 0
     for i in range(lane_start, lane_end):
         if lengths[i] > 0:
-            active[m] = i
-            x[m] = states[i]
+            row = tables[i]
+            lane[m], x[m], length[m] = i, states[i], lengths[i]
+            base[m], lookup[m], symbol0[m], at[m] = cum_start[row], row * buckets, first[row], starts[i]
             m += 1
     p, end = item_ptr[item], item_end[item]
     t = 0
     while m > 0:
-        bad_lane, bad_state, keep = -1, 0, 0
-        for j in range(m):
-            i = active[j]
-            xi = x[j]
-            slot = xi & slot_mask
-            row = tables[i]
-            base = cum_start[row]
-            k = np.int64(bucket[row * buckets + (slot >> bucket_bits)])
-            while cum[base + k + 1] <= slot:
-                k += 1
-            start = cum[base + k]
-            out[starts[i] + t] = first[row] + k
-            xi = (cum[base + k + 1] - start) * (xi >> prob_bits) + slot - start
-            if xi < low:
-                if p >= end:
+        stop = length[0]
+        for j in range(1, m):
+            stop = min(stop, length[j])
+        while t < stop:
+            for j in range(m):
+                xj = x[j]
+                slot = xj & slot_mask
+                b = base[j]
+                k = np.int64(bucket[lookup[j] + (slot >> bucket_bits)])
+                while cum[b + k + 1] <= slot:
+                    k += 1
+                c = cum[b + k]
+                out[at[j] + t] = symbol0[j] + k
+                xj = (cum[b + k + 1] - c) * (xj >> prob_bits) + slot - c
+                need = np.int64(xj < low)
+                if need & np.int64(p >= end):
                     item_ptr[item] = p
-                    return TRUNCATED, i, t, 0
-                xi = (xi << word_bits) | words[p]
-                p += 1
-            if lengths[i] == t + 1:
-                if xi != low and bad_lane < 0:
-                    bad_lane, bad_state = i, xi
+                    return TRUNCATED, lane[j], t, 0
+                xj = (xj << (word_bits * need)) | (np.int64(words[min(p, last_word)]) & -need)
+                p += need
+                x[j] = xj
+            t += 1
+        keep = 0
+        for j in range(m):
+            if length[j] == stop:
+                if x[j] != low:
+                    item_ptr[item] = p
+                    return BAD_FINAL_STATE, lane[j], stop - 1, x[j]
             else:
-                active[keep] = i
-                x[keep] = xi
+                lane[keep], x[keep], length[keep] = lane[j], x[j], length[j]
+                base[keep], lookup[keep], symbol0[keep], at[keep] = base[j], lookup[j], symbol0[j], at[j]
                 keep += 1
-        if bad_lane >= 0:
-            item_ptr[item] = p
-            return BAD_FINAL_STATE, bad_lane, t, bad_state
         m = keep
-        t += 1
     item_ptr[item] = p
     return OK, -1, t, 0

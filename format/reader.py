@@ -109,7 +109,7 @@ class StoredLayer(NamedTuple):
     """One layer. Dense: keys/values (kv_heads, tokens, head_dim), positions None. Pruned and quantized: keys/values
     (kept, head_dim), row order head 0's kept positions first, and positions the per-head kept positions. A
     quantized layer is dequantized to float32; when `geometry.key_rope` is "removed" its keys still need RoPE at
-    `positions`."""
+    `positions`, unless the layer was read with the model's RoPE tables (`read_layers`)."""
 
     keys: StoredArray
     values: StoredArray
@@ -478,19 +478,22 @@ class KvcReader:
         """Keys, values and (pruned, quantized layouts) the validated per-head kept positions of one layer."""
         return self.read_layers([layer])[0]
 
-    def read_layers(self, layers: list[int] | None = None) -> list[StoredLayer]:
-        """Several layers at once (all by default): the rANS streams of all of them decode in one vectorised pass,
-        which is much faster than layer by layer."""
+    def read_layers(self, layers: list[int] | None = None,
+                    rope: tuple[np.ndarray, np.ndarray] | None = None) -> list[StoredLayer]:
+        """Several layers at once (all by default): the rANS streams of all of them decode in one pass, which is much
+        faster than layer by layer. `rope`: the model's (cos, sin) tables as `rope.rotate_rows` takes them, to
+        have keys stored before RoPE (`geometry.key_rope` "removed") come back rotated, as the model caches them;
+        other keys come back as stored."""
         read = self.read_undecoded(layers)
         pending = [p for p in read if isinstance(p, quantized.UndecodedLayer)]
         batch = [tuple(item) for p in pending for item in p.rans.values()]
         decoded = iter(rans.decode_many(batch) if batch else [])
+        rotate = rope if self.geometry.key_rope == "removed" else None
         out = []
         for p in read:
             if isinstance(p, quantized.UndecodedLayer):
-                symbols = {name: quantized.from_lanes(next(decoded), p.rows_q, self.geometry.head_dim)
-                           for name in p.rans}
-                keys, values = quantized.decode_layer(p.arrays, {**p.arrays, **symbols}, p.exact, p.rows_q)
+                symbols = {name: next(decoded) for name in p.rans}
+                keys, values = quantized.decode_layer(p.arrays, symbols, p.exact, p.rows_q, p.positions, rotate)
                 p = StoredLayer(StoredArray(keys, "float32"), StoredArray(values, "float32"), p.positions)
             out.append(p)
         return out
@@ -556,11 +559,11 @@ class KvcReader:
             size += elements
         return batches
 
-    def iter_layers(self) -> Iterator[tuple[int, StoredLayer]]:
+    def iter_layers(self, rope: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, StoredLayer]]:
         """(layer, StoredLayer) for every layer in order, decoded a batch at a time (`layer_batches`), so a caller
-        can use each layer while later ones are still on disk."""
+        can use each layer while later ones are still on disk. `rope` as for `read_layers`."""
         for batch in self.layer_batches():
-            yield from zip(batch, self.read_layers(batch), strict=True)
+            yield from zip(batch, self.read_layers(batch, rope), strict=True)
 
     def section_sizes(self) -> list[int]:
         return [s.length for s in self._layers]

@@ -17,3 +17,17 @@ def apply_rope(keys: np.ndarray, positions: np.ndarray, inv_freq: Sequence[float
     half = freqs.size
     first, second, rest = keys[:, :half], keys[:, half : 2 * half], keys[:, 2 * half :]
     return np.concatenate([first * cos - second * sin, second * cos + first * sin, rest], axis=1).astype(np.float32)
+
+
+def rotate_rows(keys: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Apply RoPE in place to keys (rows, head_dim) float32 stored without it, from the model's own tables: cos and
+    sin (tokens, rotary_dim / 2) float32, their first halves (rotate-half tables repeat themselves), positions
+    (rows,) the rows' positions. Each product and sum is rounded to float32 as the model's rotation rounds them."""
+    half = cos.shape[1]
+    c, s = cos[positions], sin[positions]
+    first, second = keys[:, :half], keys[:, half : 2 * half]
+    first_sin, second_sin = first * s, second * s
+    first *= c
+    first -= second_sin
+    second *= c
+    second += first_sin

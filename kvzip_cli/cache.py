@@ -71,8 +71,14 @@ def dense_layer(keys: torch.Tensor, values: torch.Tensor, window: int | None) ->
 class PrunedLayer(CacheLayerMixin):
     """One layer: per-head context K/V, each (batch, kept_h, head_dim); new K/V (batch, kv_heads, new, head_dim).
 
+    Each head's context and the tokens appended since lie next to each other in one buffer per layer (room for
+    appended tokens after every head's context, doubled when it runs out), so a head attends with one call over one
+    contiguous block and appending writes all heads with one copy.
+
     A sliding-window layer (`window`) also needs the kept entries' positions, per head (kept_h,) int: it drops the
     entries no later token can see and masks the others as the appended tokens move the window on."""
+
+    ROOM = 64  # appended tokens each head has room for at first
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], context_length: int,
                  window: int | None = None, positions: list[torch.Tensor] | None = None):
@@ -88,13 +94,42 @@ class PrunedLayer(CacheLayerMixin):
             keys = [k[:, s] for k, s in zip(keys, seen, strict=True)]
             values = [v[:, s] for v, s in zip(values, seen, strict=True)]
             self.context_positions = [p[s] for p, s in zip(positions, seen, strict=True)]
-        self.context_keys, self.context_values = keys, values
         self.context_length = context_length
+        self.kept = [k.shape[1] for k in keys]
         first = keys[0]
         self.dtype, self.device = first.dtype, first.device
         empty = first.new_zeros(first.shape[0], len(keys), 0, first.shape[-1])
         self.keys, self.values = empty, empty.clone()  # the appended tokens
+        self._allocate(keys, values, self.ROOM)
         self.is_initialized = True
+
+    def _allocate(self, keys: list[torch.Tensor], values: list[torch.Tensor], room: int) -> None:
+        """Lay out each head's context, then its appended tokens (self.keys), then free room, in one buffer."""
+        self.room = room
+        self.starts = [0]
+        for n in self.kept[:-1]:
+            self.starts.append(self.starts[-1] + n + room)
+        batch, dim = keys[0].shape[0], keys[0].shape[-1]
+        total = sum(self.kept) + len(self.kept) * room
+        self.buffer_keys = keys[0].new_empty(batch, total, dim)  # the free room is never read
+        self.buffer_values = keys[0].new_empty(batch, total, dim)
+        new = self.keys.shape[2]
+        for h, (start, n) in enumerate(zip(self.starts, self.kept, strict=True)):
+            for buffer, context, appended in ((self.buffer_keys, keys[h], self.keys), (self.buffer_values, values[h],
+                                                                                     self.values)):
+                buffer[:, start : start + n] = context
+                buffer[:, start + n : start + n + new] = appended[:, h]
+        self._append_at = torch.tensor([start + n for start, n in zip(self.starts, self.kept, strict=True)],
+                                       device=self.device)
+
+    @property
+    def context_keys(self) -> list[torch.Tensor]:
+        """Per head, the kept context keys (batch, kept_h, head_dim): views into the layer's buffer."""
+        return [self.buffer_keys[:, s : s + n] for s, n in zip(self.starts, self.kept, strict=True)]
+
+    @property
+    def context_values(self) -> list[torch.Tensor]:
+        return [self.buffer_values[:, s : s + n] for s, n in zip(self.starts, self.kept, strict=True)]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass
@@ -102,8 +137,16 @@ class PrunedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                cache_kwargs: dict[str, Any] | None = None) -> tuple["PrunedLayer", "PrunedLayer"]:
         """Append new tokens to every head; the attention function receives this layer as key and value."""
+        held, new = self.keys.shape[2], key_states.shape[2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if held + new > self.room:
+            self._allocate(self.context_keys, self.context_values, max(2 * self.room, held + new))
+        else:
+            rows = (self._append_at[:, None] + torch.arange(held, held + new, device=self.device)).reshape(-1)
+            batch, heads, _, dim = key_states.shape
+            self.buffer_keys.index_copy_(1, rows, key_states.reshape(batch, heads * new, dim))
+            self.buffer_values.index_copy_(1, rows, value_states.reshape(batch, heads * new, dim))
         return self, self
 
     @property
@@ -116,29 +159,37 @@ class PrunedLayer(CacheLayerMixin):
     def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
         """query (batch, heads, q, head_dim), the last q of the appended tokens → output (batch, q, heads, head_dim).
 
+        One attention call per KV head, its query heads stacked as rows (they share the head's keys and mask).
         `softcap`: logits become softcap · tanh(logits / softcap) before the mask, as Gemma 2's eager attention."""
-        kv_heads = len(self.context_keys)
-        group = query.shape[1] // kv_heads
-        q_len, new = query.shape[2], self.keys.shape[2]
+        kv_heads = len(self.kept)
+        batch, heads, q_len, dim = query.shape
+        group = heads // kv_heads
+        new = self.keys.shape[2]
         rows = torch.arange(q_len, device=query.device)[:, None] + (new - q_len)
-        hidden = torch.arange(new, device=query.device)[None, :] > rows  # (q, new): the future
+        columns = torch.arange(new, device=query.device)[None, :]
+        seen_new = columns <= rows  # (q, new): not the future
         if self.window is not None:
-            hidden |= torch.arange(new, device=query.device)[None, :] <= rows - self.window
+            seen_new &= columns > rows - self.window
+        masked = q_len > 1 or self.window is not None
         outputs = []
-        for h in range(kv_heads):
-            q = query[:, h * group : (h + 1) * group]
-            k_ctx, v_ctx = self.context_keys[h].unsqueeze(1), self.context_values[h].unsqueeze(1)
-            k_new, v_new = self.keys[:, h : h + 1], self.values[:, h : h + 1]
-            logits = torch.cat([q @ k_ctx.transpose(-1, -2), q @ k_new.transpose(-1, -2)], dim=-1) * scaling
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            logits[..., k_ctx.shape[2] :].masked_fill_(hidden, float("-inf"))
-            if self.window is not None:  # context entry at p is out of the window of the query at context_length + row
-                out = self.context_positions[h][None, :] <= rows + self.context_length - self.window
-                logits[..., : k_ctx.shape[2]].masked_fill_(out, float("-inf"))
-            weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-            n = k_ctx.shape[2]
-            outputs.append(weights[..., :n] @ v_ctx + weights[..., n:] @ v_new)
+        for h, (start, n) in enumerate(zip(self.starts, self.kept, strict=True)):
+            q = query[:, h * group : (h + 1) * group].reshape(batch, 1, group * q_len, dim)
+            k = self.buffer_keys[:, None, start : start + n + new]
+            v = self.buffer_values[:, None, start : start + n + new]
+            mask = None
+            if masked:
+                context = torch.ones(q_len, n, dtype=torch.bool, device=query.device)
+                if self.window is not None:  # the entry at p is out of the window of the query at context + row
+                    context = self.context_positions[h][None, :] > rows + self.context_length - self.window
+                mask = torch.cat([context, seen_new], dim=1).repeat(group, 1)
+            if softcap is None:
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+            else:
+                logits = torch.tanh((q @ k.transpose(-1, -2)) * scaling / softcap) * softcap
+                if mask is not None:
+                    logits = logits.masked_fill(~mask, float("-inf"))
+                out = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype) @ v
+            outputs.append(out.reshape(batch, group, q_len, dim))
         return torch.cat(outputs, dim=1).transpose(1, 2).contiguous()
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
@@ -163,9 +214,10 @@ class PrunedLayer(CacheLayerMixin):
         self.crop(self.context_length)
 
     def kept_per_head(self) -> list[int]:
-        return [k.shape[-2] for k in self.context_keys]
+        return list(self.kept)
 
     def nbytes(self) -> int:
+        """Bytes of the kept entries and the appended tokens (the buffer's free room not counted)."""
         tensors = [*self.context_keys, *self.context_values, *(self.context_positions or []), self.keys, self.values]
         return sum(t.numel() * t.element_size() for t in tensors)
 

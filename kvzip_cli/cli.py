@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from kvc_format import ExportError, KvcFormatError, KvcReader, rans
+from kvc_format import ExportError, KvcFormatError, KvcReader, quantized
 
 from . import __version__
 from .errors import KvcError, UsageError
@@ -350,7 +350,7 @@ def load(
     lm = load_model(model_name, device=device, dtype=dtype)
     entropy_coded = chosen == "numpy" and header.get("settings", {}).get("codec") == "ans"
     # start-up, like the model's: load_seconds times the file alone
-    rans_decoder = rans.warm_up() if entropy_coded else None
+    rans_decoder = quantized.warm_up() if entropy_coded else None
     model_seconds = time.perf_counter() - t0
     with progress_bars(not json_output) as task:
         kv = run_load(file, lm, task=task, decoder=decoder.value)
@@ -764,7 +764,7 @@ def _bench_lengths(document: Path, model: str, lengths: str, preset: str, plot: 
     get_preset(preset)
     text = read_document(str(document))
     lm = load_model(model, device=device, dtype=dtype)
-    rans.warm_up()  # the compiled decoder's one-time start-up stays out of the first length's load time
+    quantized.warm_up()  # the compiled decoder's one-time start-up stays out of the first length's load time
     check_lengths(lm, counts)
     with progress_bars(True) as task:
         rows, notes = run_lengths(text, lm, counts, preset, task=task)

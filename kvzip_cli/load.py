@@ -108,12 +108,9 @@ def load(
         rope = _rope(model, geometry.tokens) if rope_removed else None
         if geometry.layout != "quantized":
             decoder = "numpy"  # only quantized files hold symbols to decode: the others are read by kvc_format
-        layers, confirm = _decoded_layers(reader, decoder, model.device)
+        layers, confirm = _decoded_layers(reader, decoder, model.device, rope)
         for layer, k, v, positions in layers:
-            k = k.to(model.dtype if rope is None else torch.float32)
-            v = v.to(model.dtype)
-            if rope is not None:
-                k = _rotate_rows(k, positions, *rope).to(model.dtype)
+            k, v = k.to(model.dtype), v.to(model.dtype)
             if positions is None:
                 dense.layers.append(dense_layer(k.unsqueeze(0), v.unsqueeze(0), windows[layer]))
             elif keeps_all:
@@ -157,14 +154,17 @@ def choose_decoder(decoder: str, device: torch.device) -> str:
     return decoder
 
 
-def _decoded_layers(reader: KvcReader, decoder: str, device: torch.device
+def _decoded_layers(reader: KvcReader, decoder: str, device: torch.device,
+                    rope: tuple[torch.Tensor, torch.Tensor] | None
                     ) -> tuple[Iterator[tuple[int, torch.Tensor, torch.Tensor, tuple | None]], Callable[[], None]]:
     """(layer, keys, values, positions) for every layer in order, keys and values on `device` as stored (or float32
-    when dequantized), and a function that raises if the device found the file corrupt (call it once all are used:
-    the triton decoder reports asynchronously)."""
+    when dequantized, and with `rope` rotated where they were stored without it), and a function that raises if the
+    device found the file corrupt (call it once all are used: the triton decoder reports asynchronously)."""
     if decoder == "numpy":
+        # kvc_format rotates as it dequantizes, from the tables' first halves (the second halves repeat them)
+        halves = None if rope is None else tuple(t[:, : t.shape[1] // 2].contiguous().cpu().numpy() for t in rope)
         layers = ((layer, from_stored(s.keys, device), from_stored(s.values, device), s.positions)
-                  for layer, s in reader.iter_layers())
+                  for layer, s in reader.iter_layers(halves))
         return layers, lambda: None
     from .kernels.layers import DeviceChecks, decode_layers
 
@@ -175,6 +175,8 @@ def _decoded_layers(reader: KvcReader, decoder: str, device: torch.device
             undecoded = reader.read_undecoded(batch)
             decoded = decode_layers(undecoded, reader.geometry.head_dim, device, checks)
             for p, (keys, values) in zip(undecoded, decoded, strict=True):
+                if rope is not None and p.positions is not None:
+                    keys = _rotate_rows(keys, p.positions, *rope)
                 yield p.layer, keys, values, p.positions
 
     return layers(), checks.raise_if_bad
@@ -187,14 +189,16 @@ def _rope(model: PreTrainedModel, tokens: int) -> tuple[torch.Tensor, torch.Tens
         raise KvcError("this file stores keys before RoPE, but the model has no rotary embedding kvc can apply")
     cos, sin = tables
     half = cos.shape[-1] // 2
-    if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+    # The halves may differ in the last bit where torch evaluates cos/sin along different code paths.
+    if not all(torch.allclose(t[:, :half], t[:, half:], rtol=0, atol=1e-6) for t in tables):
         raise KvcError("this file stores keys before RoPE, but the model's rotary tables are not in the rotate-half "
                        "form kvc re-applies")
     return tables
 
 
 def _rotate_rows(keys: torch.Tensor, positions: tuple, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Re-apply RoPE, in place, to keys stored with it removed: keys (kept, head_dim) float32, rows in head order.
+    """Re-apply RoPE, in place, to keys stored with it removed, on the device (the GPU decoder's path; on the CPU
+    kvc_format rotates them as it dequantizes): keys (kept, head_dim) float32, rows in head order.
 
     RoPE tables are concat(cos θ, cos θ) (and sin alike), so each half of the rotary channels needs only the first
     half of its row: two gathers of (kept, rotary_dim / 2) and two products of that size, no concatenation."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvc_format import KvcReader
+from kvc_format.rope import rotate_rows
 from kvzip_cli import KvcError, compress_text, load
 from kvzip_cli.cache import PrunedCache
 from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
@@ -124,3 +125,37 @@ def test_rope_reapplied_in_place_equals_the_rotation(rotary):
     rows = torch.from_numpy(np.concatenate(positions))
     expected = rotate(keys, cos[rows], sin[rows])
     assert torch.equal(_rotate_rows(keys.clone(), positions, cos, sin), expected)
+    numpy_keys = keys.numpy().copy()
+    rotate_rows(numpy_keys, rows.numpy(), cos[:, : rotary // 2].numpy(), sin[:, : rotary // 2].numpy())
+    assert torch.equal(torch.from_numpy(numpy_keys), expected)
+
+
+@pytest.mark.parametrize("decoder", ["numpy", "compiled"])
+def test_reader_rotates_pre_rope_keys_as_the_model_would(tmp_path, prefilled, monkeypatch, decoder):
+    """A pruned pre-RoPE file read with the model's tables (the compiled dequantizer rotates as it writes each row,
+    the numpy one after) gives exactly the keys of `rope.rotate` applied to the keys read without them, and the
+    loaded cache holds those keys."""
+    from kvc_format import rans
+    from kvzip_cli.load import _rope
+    from kvzip_cli.rope import rotate
+
+    if decoder == "compiled" and rans._compiled() is None:
+        pytest.fail("numba is missing: the compiled decoder is part of the test extra")
+    monkeypatch.setenv("KVC_RANS_DECODER", decoder)
+    pre = prefilled
+    pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.5)
+    path = tmp_path / "pre.kvc"
+    write_kvc(pre, path, codec="ans", bits=4, pruning=pruning, quant=QuantOptions(pre_rope=True))
+    with KvcReader(path) as r:
+        cos, sin = _rope(pre.lm.model, r.geometry.tokens)
+        half = cos.shape[1] // 2
+        plain = r.read_layers()
+        rotated = r.read_layers(rope=(cos[:, :half].numpy(), sin[:, :half].numpy()))
+    kv = load(path, pre.lm)
+    for layer, (a, b) in enumerate(zip(plain, rotated, strict=True)):
+        rows = torch.from_numpy(np.concatenate(a.positions))
+        expected = rotate(torch.from_numpy(a.keys.data), cos[rows], sin[rows])
+        assert torch.equal(torch.from_numpy(b.keys.data), expected)
+        np.testing.assert_array_equal(a.values.data, b.values.data)
+        loaded = torch.cat([k[0] for k in kv.cache.layers[layer].context_keys])
+        assert torch.equal(loaded, expected.to(loaded.dtype))
