@@ -1,11 +1,12 @@
 """A transformers Cache whose KV heads each keep their own subset of the context, and the dense cache layers of a
 loaded context.
 
-Each layer holds, per KV head, only the kept context entries (memory ∝ kept, no padding), plus the tokens appended
-since (question, answer), which every head sees in full. Kept entries already carry their original RoPE rotation;
-new tokens get the positions they would have after the full context, because `get_seq_length()` reports the full
-context length. Attention over it is `PrunedLayer.attend`, reached through kvc's registered attention function
-(`kvzip_cli.attention`), so the model must use attn_implementation "kvc" (or "kvc_eager").
+Each layer holds, per KV head, only the kept context entries (memory ∝ kept, no padding to the longest head), plus
+the tokens appended since (question, answer), which every head sees in full, and a little room for more. Kept
+entries already carry their original RoPE rotation; new tokens get the positions they would have after the full
+context, because `get_seq_length()` reports the full context length. Attention over it is `PrunedLayer.attend`,
+reached through kvc's registered attention function (`kvzip_cli.attention`), so the model must use
+attn_implementation "kvc" (or "kvc_eager").
 
 A sliding-window layer (Mistral, Gemma) lets a token at position p see only positions > p − window, so of a
 context of n tokens a later token never sees positions ≤ n − window: both kinds of layer drop those at load.
@@ -223,7 +224,8 @@ class PrunedLayer(CacheLayerMixin):
 
 
 def cache_bytes(cache: Cache) -> int:
-    """Bytes of K/V a cache holds: a PrunedCache exactly its kept entries (no padding), a dense one every layer's."""
+    """Bytes of K/V a cache holds: a PrunedCache its kept entries and appended tokens (not the free room of its
+    buffers), a dense one every layer's."""
     if isinstance(cache, PrunedCache):
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
@@ -244,6 +246,7 @@ class PrunedCache(Cache):
         return kept / (len(self.layers) * len(self.layers[0].context_keys) * self.context_length)
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (no padding: each head stores exactly its kept entries)."""
+        """Bytes of the kept entries and appended tokens (each head stores exactly its kept entries; the buffers'
+        free room, 64 tokens per head at first, is not counted)."""
         return sum(layer.nbytes() for layer in self.layers)
 

@@ -47,7 +47,7 @@ class LoadedKV:
         return torch.cat([self.input_ids, torch.tensor([q], device=self.input_ids.device)], dim=1)
 
     def cache_bytes(self) -> int:
-        """Bytes the cache's tensors hold (a pruned cache: exactly its kept entries, no padding)."""
+        """Bytes of the cache's K/V (a pruned cache: exactly its kept entries and appended tokens)."""
         return cache_bytes(self.cache)
 
     def reset(self) -> None:
