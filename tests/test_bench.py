@@ -29,7 +29,8 @@ def test_identical_distributions_are_perfect():
     totals = FidelityTotals()
     totals.add_positions(ref, ref.clone(), [0, 1])
     totals.add_agreement([0, 1], [0, 1])
-    assert totals.summary() == {"kld": 0.0, "top1": 1.0, "delta_nll": 0.0, "agreement": 1.0}
+    assert totals.summary() == {"kld": 0.0, "top1": 1.0, "delta_nll": 0.0, "agreement": 1.0, "ends": None,
+                                "repetition": 0.0}
 
 
 def test_known_kl_top1_and_nll():
@@ -106,6 +107,9 @@ def test_full_cache_against_itself_is_perfect(evaluated):
     assert metrics["kld"] == pytest.approx(0.0, abs=1e-9)
     assert metrics["top1"] == 1.0 and metrics["agreement"] == 1.0
     assert metrics["delta_nll"] == pytest.approx(0.0, abs=1e-9)
+    habits = evaluator.habits(reference)  # the same answers: they end and repeat exactly as the reference's
+    assert metrics["repetition"] == habits["repetition_full"]
+    assert metrics["ends"] == (1.0 if habits["ends_full"] > 0 else None)
     assert pre.cache.get_seq_length() == pre.tokens  # evaluation leaves the cache as it found it
 
 
@@ -381,3 +385,28 @@ def test_plot_labels_points_and_names_kvpress_only_when_it_ran(tmp_path):
     out = tmp_path / "bench.png"
     plot([synthetic_result(peers=True)], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeated_ngrams_count_only_earlier_occurrences():
+    from kvzip_cli.bench.metrics import repeated_ngrams
+
+    assert repeated_ngrams([1, 2, 3, 4, 5, 6]) == (0, 3)
+    assert repeated_ngrams([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]) == (5, 9)  # the loop repeats after 4 tokens
+    assert repeated_ngrams([7, 7, 7]) == (0, 0)  # shorter than one 4-gram
+    assert repeated_ngrams([7, 7, 7, 7, 7]) == (1, 2)
+
+
+def test_answers_end_where_the_reference_ends():
+    """`ends` counts only probes whose reference ended; a setting that runs on to the limit lowers it, and its loop
+    raises `repetition`."""
+    stop = {0}
+    totals = FidelityTotals()
+    totals.add_answer([5, 6, 0], [5, 6, 0], stop)  # ends like the reference
+    totals.add_answer([5, 6, 0], [5, 6, 5, 6, 5, 6, 5, 6], stop)  # runs on, repeating itself
+    totals.add_answer([8, 9, 8, 9], [8, 9, 8, 9], stop)  # the reference did not end: not counted in `ends`
+    summary = totals.summary()
+    assert summary["ends"] == 0.5
+    assert summary["repetition"] == pytest.approx(3 / 6)  # the runaway's 5 4-grams hold 3 repeats, the others none
+    from kvzip_cli.bench.metrics import answer_habits
+
+    assert answer_habits([[5, 6, 0], [8, 9, 8, 9]], stop) == {"ends_full": 0.5, "repetition_full": 0.0}

@@ -13,7 +13,7 @@ from transformers import Cache, PreTrainedModel
 
 from ..document import PromptLayout, question_ids
 from ..models import LoadedModel
-from .metrics import FidelityTotals, needle_found
+from .metrics import FidelityTotals, answer_habits, needle_found
 from .probes import Probe
 
 NEEDLE_TOKENS = 16
@@ -117,9 +117,13 @@ class Evaluator:
         totals = FidelityTotals()
         for ref in reference.probes:
             totals.add_positions(ref.logprobs, self.answer_logprobs(cut, ref.question, ref.answer), ref.answer)
-            totals.add_agreement(ref.answer, self.greedy(cut, ref.question, len(ref.answer)))
+            totals.add_answer(ref.answer, self.greedy(cut, ref.question, self.new_tokens), self.stop)
         hits = self._needle_hits(cut)
         return {**totals.summary(), "needle": sum(hits) / max(len(hits), 1)}
+
+    def habits(self, reference: Reference) -> dict:
+        """How the full cache's own answers end and repeat (`metrics.answer_habits`)."""
+        return answer_habits([r.answer for r in reference.probes], self.stop)
 
     def answer_text(self, ref: ProbeReference) -> str:
         return self.tokenizer.decode(ref.answer, skip_special_tokens=True)

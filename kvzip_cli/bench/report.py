@@ -26,10 +26,12 @@ def wide_console() -> Console:
 def print_table(result: dict, console: Console | None = None) -> None:
     console = console or wide_console()
     table = Table(title=f"{result['document']}: {result['tokens']:,} tokens, {result['model']}, "
-                        f"full-cache needle {result['needle_full']:.2f}, prefill {result['prefill_seconds']:.1f} s")
+                        f"full-cache needle {result['needle_full']:.2f}, ends {_fmt(result.get('ends_full'), '.2f')}, "
+                        f"rep4 {_fmt(result.get('repetition_full'), '.3f')}, prefill {result['prefill_seconds']:.1f} s")
     columns = [("setting", "setting", "", "left"), ("kept", "kept_ratio", ".2f", "right"),
                ("kld", "kld", ".4f", "right"), ("top1", "top1", ".3f", "right"),
                ("Δnll", "delta_nll", "+.4f", "right"), ("agree@32", "agreement", ".2f", "right"),
+               ("ends", "ends", ".2f", "right"), ("rep4", "repetition", ".3f", "right"),
                ("needle", "needle", ".2f", "right"), ("file MB", "file_bytes", "", "right"),
                ("compr.", "compression", ".2f", "right"), ("bits/el", "bits_per_element", ".2f", "right"),
                ("mem", "memory_ratio", ".2f", "right"),
@@ -49,8 +51,10 @@ def print_table(result: dict, console: Console | None = None) -> None:
     for row in result["rows"]:
         if row.get("error"):
             console.print(f"[red]{row['setting']} failed:[/red] {row['error']}")
-    console.print("kld, top1, Δnll, agree@32: against the full cache along its greedy answers; compression: "
-                  "fp16 KV bytes / file bytes (kvpress keeps entries in memory, no file: 1 / kept).")
+    console.print("kld, top1, Δnll, agree@32: against the full cache along its greedy answers; ends: of the probes "
+                  "whose full-cache answer ends within the limit, the fraction whose answer ends too; rep4: repeated "
+                  "4-grams / 4-grams of the greedy answers; compression: fp16 KV bytes / file bytes (kvpress keeps "
+                  "entries in memory, no file: 1 / kept).")
 
 
 def require_matplotlib():

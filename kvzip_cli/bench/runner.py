@@ -33,6 +33,7 @@ class BenchResult:
     reference: Reference
     reference_answers: list[str]
     prefill_seconds: float
+    habits: dict  # the full cache's answers: ends_full, repetition_full
     rows: list[dict]
 
     def as_json(self) -> dict:
@@ -42,6 +43,7 @@ class BenchResult:
             "tokens": self.tokens,
             "prefill_seconds": self.prefill_seconds,
             "needle_full": _fraction(self.reference.needle_hits),
+            **self.habits,
             "probes": [
                 {"kind": p.kind, "question": p.question, "full_cache_answer": a}
                 for p, a in zip(self.probes, self.reference_answers, strict=True)
@@ -69,7 +71,8 @@ def _row(setting: Setting, pre: Prefilled, **values) -> dict:
     row = {
         "setting": setting.label, "family": setting.family, "kind": setting.kind, "ratio": setting.ratio,
         "kept_ratio": kept, "bits": setting.bits, "codec": setting.codec, "kld": None, "top1": None,
-        "delta_nll": None, "agreement": None, "needle": None, "file_bytes": None, "raw_bytes": raw,
+        "delta_nll": None, "agreement": None, "ends": None, "repetition": None, "needle": None, "file_bytes": None,
+        "raw_bytes": raw,
         "compression": raw / stored,
         "bits_per_element": 8 * file_bytes / elements if file_bytes else None,
         "compress_seconds": None, "prefill_seconds": pre.prefill_seconds, "load_seconds": None, "error": None,
@@ -149,6 +152,7 @@ def run_bench(text: str, document: str, lm: LoadedModel, sweep: list[Setting], u
     reference = evaluator.reference(CacheUnderTest(pre.cache, pre.tokens))
     advance(1)
     rows, scored = [], {}
+    habits = evaluator.habits(reference)
     with tempfile.TemporaryDirectory(prefix="kvc-bench-") as tmp:
         for setting in sweep:
             started = time.perf_counter()
@@ -158,9 +162,9 @@ def run_bench(text: str, document: str, lm: LoadedModel, sweep: list[Setting], u
                 row = _measure_peer(setting, pre, lm, evaluator, reference)
             else:
                 row = _measure_size(setting, pre)
-            rows.append({**row, "needle_full": _fraction(reference.needle_hits),
+            rows.append({**row, "needle_full": _fraction(reference.needle_hits), **habits,
                          "bench_seconds": time.perf_counter() - started})
             advance(1)
     answers = [evaluator.answer_text(r) for r in reference.probes]
     return BenchResult(document, lm.name, pre.tokens, probes, needles, reference, answers, pre.prefill_seconds,
-                       rows)
+                       habits, rows)
