@@ -268,16 +268,18 @@ def decode_layer(arrays: dict[str, np.ndarray], decoded: dict[str, np.ndarray], 
     keys = np.empty((exact.size, dim), np.float32)
     values = np.empty((exact.size, dim), np.float32)
     keys[exact], values[exact] = _widen(arrays["exact_keys"]), _widen(arrays["exact_values"])
-    row_positions = np.concatenate(positions).astype(np.int64) if rope is not None else np.zeros(0, np.int64)
+    quantized_positions = np.zeros(0, np.int64)  # of the quantized rows, where they are rotated
     if rope is not None:
+        row_positions = np.concatenate(positions).astype(np.int64)
         _check_rope(rope, row_positions, exact.size, dim)
         exact_keys = keys[exact]
         rotate_rows(exact_keys, row_positions[exact], *rope)
         keys[exact] = exact_keys
+        quantized_positions = row_positions[~exact]
     kernel = _compiled()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, not warned about
         if kernel is not None:
-            bad = _compiled_rows(kernel, arrays, decoded, exact, rows_q, row_positions, rope, keys, values)
+            bad = _compiled_rows(kernel, arrays, decoded, exact, rows_q, quantized_positions, rope, keys, values)
             bad += (~np.isfinite(keys[exact])).sum() + (~np.isfinite(values[exact])).sum()
         else:
             symbols = {name: from_lanes(decoded[name], rows_q, dim) if name in decoded else arrays[name]
@@ -285,7 +287,7 @@ def decode_layer(arrays: dict[str, np.ndarray], decoded: dict[str, np.ndarray], 
             quantized_keys = dequantize_keys(KeyCode(symbols["key_symbols"], arrays["key_zero"], arrays["key_step"]),
                                              rows_q)
             if rope is not None:
-                rotate_rows(quantized_keys, row_positions[~exact], *rope)
+                rotate_rows(quantized_keys, quantized_positions, *rope)
             keys[~exact] = quantized_keys
             values[~exact] = dequantize_values(ValueCode(symbols["value_symbols"], arrays["value_zero"],
                                                          arrays["value_step"]))
@@ -309,10 +311,10 @@ def _compiled():
 
 
 def _compiled_rows(kernel, arrays: dict[str, np.ndarray], decoded: dict[str, np.ndarray], exact: np.ndarray,
-                   rows_q: np.ndarray, row_positions: np.ndarray, rope: tuple[np.ndarray, np.ndarray] | None,
+                   rows_q: np.ndarray, quantized_positions: np.ndarray, rope: tuple[np.ndarray, np.ndarray] | None,
                    keys: np.ndarray, values: np.ndarray) -> int:
-    """Fill the quantized rows of keys and values with `quant_compiled` (rotating the keys with `rope`, if any);
-    returns how many rows hold a value that is not finite."""
+    """Fill the quantized rows of keys and values with `quant_compiled` (rotating the keys with `rope`, if any, for
+    `quantized_positions`); returns how many rows hold a value that is not finite."""
     step = arrays["value_step"].astype(np.float32)
     zero = -KEY_CENTRE * step if arrays["value_zero"].shape[0] == 0 else arrays["value_zero"].astype(np.float32)
     key_symbols, value_symbols = ((decoded[name] if name in decoded else arrays[name]).reshape(-1)
@@ -332,8 +334,7 @@ def _compiled_rows(kernel, arrays: dict[str, np.ndarray], decoded: dict[str, np.
     plain = [_writable(a) for a in (key_symbols, value_symbols, arrays["key_zero"], arrays["key_step"], cos, sin)]
     return kernel.dequantize_rows(plain[0], plain[1], "key_symbols" in decoded, "value_symbols" in decoded,
                                   head_index(rows_q), np.cumsum(rows_q) - rows_q, rows_q, plain[2], plain[3], zero,
-                                  step, out_rows, row_positions[~exact] if rope is not None else row_positions,
-                                  plain[4], plain[5], keys, values)
+                                  step, out_rows, quantized_positions, plain[4], plain[5], keys, values)
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
