@@ -3,6 +3,7 @@ averaged table, and a PNG), so results can be compared across commits.
 
     python examples/bench_corpus.py [--peers [NAME,...]] [--scorers kvzip,...] [--allocations global,...]
                                     [--ratios 0.5,0.3,0.2,0.1] [--bits 16,4,...] [--presets lossless,...]
+                                    [--refit on|off|both]
                                     [--out DIR] [DOC ...]
 
 With every scorer, --peers KVzipPress,CompactorPress and the default ratios this takes about 20 minutes per
@@ -25,7 +26,8 @@ from kvzip_cli.models import load_model
 from kvzip_cli.progress import progress_bars
 
 HERE = Path(__file__).parent
-METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "needle", "compression", "bits_per_element",
+METRICS = ("kept_ratio", "kld", "top1", "delta_nll", "agreement", "ends", "repetition", "needle", "compression",
+           "bits_per_element",
            "memory_ratio", "compress_seconds", "score_seconds", "prefill_seconds", "load_seconds")
 
 
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
     parser.add_argument("--bits", default="16", help="bit widths, comma-separated (16, 32, 8, 4, 3, 2)")
     parser.add_argument("--presets", default="", help="presets to measure, comma-separated")
+    parser.add_argument("--refit", choices=("on", "off", "both"), default="on",
+                        help="pruned settings with their kept values refit, without, or both side by side")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.peers:
@@ -78,26 +82,37 @@ def main() -> None:
     names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
     sweep = build_sweep(ratios=tuple(float(r) for r in names(args.ratios)), scorers=names(args.scorers),
                         peers=names(args.peers), allocations=names(args.allocations) or (None,),
-                        bits=tuple(int(b) for b in names(args.bits)), presets=names(args.presets))
-    args.out.mkdir(parents=True, exist_ok=True)
+                        bits=tuple(int(b) for b in names(args.bits)), presets=names(args.presets),
+                        refits={"on": (True,), "off": (False,), "both": (True, False)}[args.refit])
+    write_results(measure(args.docs, sweep, args.out), args.out)
+    print((args.out / "summary.md").read_text())
+
+
+def measure(docs: list[Path], sweep: list, out: Path) -> list[dict]:
+    """Run `sweep` on each document with the embedded model; each document's JSON is written to `out` as it ends."""
+    out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2")
     results = []
-    for doc in args.docs:
+    for doc in docs:
         started = time.perf_counter()
         with progress_bars(True) as task:
             result = run_bench(read_document(str(doc)), doc.name, lm, sweep, [], task).as_json()
         result["bench_seconds"] = time.perf_counter() - started
-        (args.out / f"{doc.stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{doc.stem}.json").write_text(json.dumps(result, indent=2))
         results.append(result)
         print(f"{doc.name}: {result['tokens']} tokens, {result['bench_seconds']:.0f} s", flush=True)
+    return results
+
+
+def write_results(results: list[dict], out: Path, plot_name: str = "corpus.png") -> None:
+    """The averaged table (summary.json, summary.md) and the plot."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     table = averaged(results)
     summary = {"commit": commit.strip(), "machine": platform.processor() or platform.machine(),
                "documents": [r["document"] for r in results], "averaged": table}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "summary.md").write_text(markdown(table, results))
-    plot(results, args.out / "corpus.png")
-    print((args.out / "summary.md").read_text())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(table, results))
+    plot(results, out / plot_name)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from kvc_format.quantized import Quantization, encode_layer
 from . import __version__
 from .attention import kvc_attention_in, observe_attention
 from .budget import SINK_TOKENS, check_allocation
+from .cache import layer_windows
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt
 from .errors import KvcError, UsageError
@@ -28,6 +29,7 @@ from .paths import check_output
 from .prefill import prefill
 from .progress import TaskFactory, silent_task
 from .pruning import Pruning
+from .refit import refit_values
 from .rope import inverse_frequencies, rope_tables, unrecordable_rope, unrotate
 from .scorers import DEFAULT_SCORER, check_scorer
 from .sizes import raw_fp16_bytes
@@ -173,7 +175,7 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         settings.update(preset)
     if pruning is not None:
         settings.update(ratio=pruning.ratio, kept_ratio=pruning.kept_ratio, scorer=pruning.scorer,
-                        allocation=pruning.allocation)
+                        allocation=pruning.allocation, refit="values" if pruning.queries is not None else None)
     if pruning is not None or quant:
         geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else layers * heads * pre.tokens
     if quant:
@@ -257,6 +259,11 @@ def _quantizer(pre: Prefilled, bits: int, codec: str, options: QuantOptions):
     return quant, tables, fields, units
 
 
+def _kept_rows(cache: torch.Tensor, positions: list[torch.Tensor]) -> np.ndarray:
+    """cache (kv_heads, tokens, head_dim) → (kept, head_dim) float32, the kept rows in head order."""
+    return torch.cat([cache[h, p] for h, p in enumerate(positions)]).float().numpy()
+
+
 def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, quant: Quantization,
                      tables: tuple[torch.Tensor, torch.Tensor] | None, key_unit: np.ndarray | None):
     """keys/values (kv_heads, tokens, head_dim) → the kv_layer_quantized streams and section attributes."""
@@ -264,12 +271,32 @@ def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tenso
     if tables is not None:
         keys = unrotate(keys, *(t.cpu() for t in tables))
     positions = _kept_positions(keep)
-    kept_keys = torch.cat([keys[h, p] for h, p in enumerate(positions)]).numpy()
-    kept_values = torch.cat([values[h, p] for h, p in enumerate(positions)]).numpy()
     try:
-        return encode_layer(kept_keys, kept_values, [p.numpy() for p in positions], quant, key_unit)
+        return encode_layer(_kept_rows(keys, positions), _kept_rows(values, positions),
+                            [p.numpy() for p in positions], quant, key_unit)
     except ValueError as exc:
         raise KvcError(f"cannot quantize this cache: {exc}") from None
+
+
+def _refitter(pre: Prefilled, pruning: Pruning | None):
+    """refit(layer, keys, values) → the layer's values with the kept rows refit (kvzip_cli.refit), or None when nothing
+    is refit: no pruning, or a pruning without reference queries. The fit reads the computed keys, also for a
+    quantized file: fitting to the keys as quantized was measured and gained nothing (README, "Refit")."""
+    if pruning is None or pruning.queries is None:
+        return None
+    config = pre.lm.model.config.get_text_config()
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    windows = layer_windows(pre.lm.model.config)
+
+    def refit(i: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        queries = pruning.queries.layer(i)
+        if queries is None or (windows[i] is not None and windows[i] < pre.tokens):
+            return values
+        fitted = refit_values(keys, values, pruning.keep[i].to(keys.device), queries, pruning.queries.scaling[i],
+                              softcap)
+        return fitted.to(values.dtype)
+
+    return refit
 
 
 def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd", bits: int = 16,
@@ -293,14 +320,17 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
                        "use --bits 16 or --dtype float32")
     quantizer, tables, fields, units = (_quantizer(pre, bits, codec, quant) if bits in QUANT_BITS
                                         else (None, None, None, None))
-    advance = task("write", len(cache.layers))
+    refit = _refitter(pre, pruning)
+    advance = task("write" if refit is None else "refit and write", len(cache.layers))
     with KvcWriter(output, _header(pre, bits, codec, pruning, fields, calibration, preset)) as writer:
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys[0], layer.values[0]
+            unit = units[i] if units is not None else None
+            if refit is not None:
+                values = refit(i, keys, values)
             if quantizer is not None:
                 keep = pruning.keep[i] if pruning is not None else torch.ones(keys.shape[:2], dtype=torch.bool)
-                encoded = _quantized_layer(keys, values, keep, quantizer, tables,
-                                           units[i] if units is not None else None)
+                encoded = _quantized_layer(keys, values, keep, quantizer, tables, unit)
                 writer.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams,
                                    codec="zstd")
             elif pruning is None:

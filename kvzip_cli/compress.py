@@ -58,6 +58,7 @@ def compress_text(
     progress: bool = False,
     target: Target | None = None,
     budget: float | None = None,
+    refit: bool = True,
 ) -> CompressResult:
     """Prefill `text` as a reusable prompt prefix and store its KV cache in `output`.
 
@@ -65,7 +66,8 @@ def compress_text(
     With `ratio` < 1, `scorer` rates every entry without knowing any question and `allocation` ("global", "layer",
     "head" or "position"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads
     ("position": the same positions in all of them). `bits` 8, 4, 3 or 2 quantize (keys per channel, values per
-    token), `codec` "ans" entropy-codes the quantized symbols.
+    token), `codec` "ans" entropy-codes the quantized symbols. With `refit`, a pruned cache's kept values are refit so
+    that attention over them gives what the full context gives to KVzip's reconstruction queries (kvzip_cli.refit).
 
     With a `target` (kvzip_cli.calibrate.Target), the ratio and bits are searched for instead: the smallest file
     whose self-check meets the target, within `budget` prefills of search time; `preset`, `ratio`, `bits`,
@@ -74,7 +76,7 @@ def compress_text(
     if target is not None:
         return _calibrated(text, output, target, budget, model=model, scorer=scorer, allocation=allocation,
                            preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
-                           device=device, dtype=dtype, progress=progress)
+                           device=device, dtype=dtype, progress=progress, refit=refit)
     if budget is not None:
         raise UsageError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
     chosen = get_preset(preset or DEFAULT_PRESET)
@@ -95,7 +97,7 @@ def compress_text(
         pruning = None
         if ratio < 1:
             check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
-            pruning = score_context(lm, pre.cache, pre.layout, scorer, task).keep(ratio, allocation)
+            pruning = score_context(lm, pre.cache, pre.layout, scorer, task, refit).keep(ratio, allocation)
         result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task,
                            preset=record)
     return replace(result, seconds=time.perf_counter() - started)
@@ -103,7 +105,7 @@ def compress_text(
 
 def _calibrated(text: str, output: str | os.PathLike, target, budget: float | None, *, model, scorer, allocation,
                 preset, ratio, bits, codec, quant: QuantOptions, chunk_size: int, device: str, dtype: str,
-                progress: bool) -> CompressResult:
+                progress: bool, refit: bool) -> CompressResult:
     chosen = {"--preset": preset, "--ratio": ratio, "--bits": bits, "--codec": codec, "--key-bits": quant.key_bits}
     given = [name for name, value in chosen.items() if value is not None]
     if given:
@@ -118,7 +120,7 @@ def _calibrated(text: str, output: str | os.PathLike, target, budget: float | No
     lm = _checked_model(model, device, dtype, quant)
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
-        scored = score_context(lm, pre.cache, pre.layout, scorer, task)
+        scored = score_context(lm, pre.cache, pre.layout, scorer, task, refit)
         _, result = calibrate(pre, scored, target, Path(output), budget=budget,
                               allocation=allocation, quant=quant, task=task)
     return replace(result, seconds=time.perf_counter() - started)

@@ -24,8 +24,10 @@ PRESETS = {
         # KV (a CPU; kld ~3e-7), where --bits 32 is bit-exact.
         Preset("lossless", 1.0, "kvzip", 16, "zstd", "every entry, 16-bit floats (float32 KV rounded to float16), "
                "zstd"),
-        Preset("balanced", 0.3, "kvzip", 3, "ans", "30% of entries (KVzip), 3-bit keys and values, rANS-coded"),
-        Preset("small", 0.12, "kvzip", 2, "ans", "12% of entries (KVzip), 3-bit keys, 2-bit values, rANS-coded",
+        Preset("balanced", 0.3, "kvzip", 3, "ans", "30% of entries (KVzip), values refit, 3-bit keys and values, "
+               "rANS-coded"),
+        Preset("small", 0.12, "kvzip", 2, "ans", "12% of entries (KVzip), values refit, 3-bit keys, 2-bit "
+               "values, rANS-coded",
                key_bits=3),
     )
 }

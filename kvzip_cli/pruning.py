@@ -10,7 +10,9 @@ from .budget import allocate, protected_positions
 from .document import PromptLayout
 from .models import LoadedModel
 from .progress import TaskFactory, silent_task
+from .refit import ReferenceQueries
 from .scorers import ScoringInputs, get_scorer
+from .scorers.kvzip import KVzipScorer
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,12 @@ class Scored:
     scores: torch.Tensor  # (layers, kv_heads, tokens)
     protected: torch.Tensor  # (tokens,) bool
     seconds: float
+    queries: ReferenceQueries | None = None  # for refitting the kept values (kvzip_cli.refit)
 
     def keep(self, ratio: float, allocation: str | None = None) -> "Pruning":
         allocation = allocation or self.allocation
         mask = allocate(self.scores, ratio, allocation, self.protected)
-        return Pruning(mask, self.scorer, allocation, ratio, self.seconds)
+        return Pruning(mask, self.scorer, allocation, ratio, self.seconds, self.queries)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Pruning:
     allocation: str
     ratio: float  # requested
     score_seconds: float
+    queries: ReferenceQueries | None = None  # set: the kept values are refit to these queries when written
 
     @property
     def kept_ratio(self) -> float:
@@ -43,10 +47,18 @@ class Pruning:
 
 
 def score_context(lm: LoadedModel, cache: DynamicCache, layout: PromptLayout, scorer: str,
-                  task: TaskFactory = silent_task) -> Scored:
-    """Run `scorer` over a prefilled context. The cache is left as it was."""
+                  task: TaskFactory = silent_task, refit: bool = True) -> Scored:
+    """Run `scorer` over a prefilled context. The cache is left as it was. With `refit`, the KVzip reconstruction
+    queries are recorded too (while scoring for KVzip, in their own passes for the other scorers), so the kept
+    values can be refit to them (kvzip_cli.refit); `seconds` counts both."""
     chosen = get_scorer(scorer)
     started = time.perf_counter()
-    scores = chosen.score(ScoringInputs(lm.model, lm.tokenizer, cache, layout, task))
+    inputs = ScoringInputs(lm.model, lm.tokenizer, cache, layout, task)
+    passes = KVzipScorer()
+    if refit:
+        inputs.queries = ReferenceQueries.for_positions(passes.reconstruction_positions(inputs))
+    scores = chosen.score(inputs)
+    if refit and not getattr(chosen, "records_queries", False):
+        passes.reconstruct(inputs, lambda *_: None, "reference queries")
     return Scored(chosen.name, chosen.default_allocation, scores, protected_positions(layout),
-                  time.perf_counter() - started)
+                  time.perf_counter() - started, inputs.queries)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
 from kvzip_cli.bench.metrics import FidelityTotals, agreement, needle_found
 from kvzip_cli.bench.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
+from kvzip_cli.bench.sweep import build_sweep
 from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.cli import app
 from kvzip_cli.errors import KvcError
@@ -356,6 +357,16 @@ def test_plot_series_join_only_one_setting_varied():
     assert [len(s.points) for s in two] == [len(s.points) for s in series.values()]
 
 
+def test_presets_without_refit_are_points_too():
+    from kvzip_cli.bench.report import plot_series
+
+    result = synthetic_result()
+    result["rows"] += [{**r, "setting": r["setting"] + " no-refit", "family": "kvc presets no-refit"}
+                       for r in result["rows"] if r["family"] == "kvc presets"]
+    plain = {s.name: s for s in plot_series([result])}["kvc presets no-refit"]
+    assert not plain.joined and [p.label for p in plain.points] == ["lossless", "balanced", "small"]
+
+
 def test_plot_labels_points_and_names_kvpress_only_when_it_ran(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.lines import Line2D
@@ -410,3 +421,11 @@ def test_answers_end_where_the_reference_ends():
     from kvzip_cli.bench.metrics import answer_habits
 
     assert answer_habits([[5, 6, 0], [8, 9, 8, 9]], stop) == {"ends_full": 0.5, "repetition_full": 0.0}
+
+
+def test_sweep_measures_refit_both_ways_side_by_side():
+    sweep = build_sweep(ratios=(0.3,), presets=("balanced",), refits=(True, False))
+    pruned = {s.label: s.refit for s in sweep if s.kind == "kvc" and s.ratio < 1}
+    assert pruned == {"kvc kvzip 0.3": True, "kvc kvzip no-refit 0.3": False, "preset balanced": True,
+                      "preset balanced no-refit": False}
+    assert all(s.refit for s in build_sweep(ratios=(0.3,)) if s.kind == "kvc")

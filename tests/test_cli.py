@@ -289,3 +289,12 @@ def test_closed_stdout_stops_quietly(kvc_file):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141
     assert stderr == ""
+
+
+@pytest.mark.parametrize("flag,recorded", [("--refit", "values"), ("--no-refit", None)])
+def test_compress_refit_flag(tmp_path, tiny_folder, short_doc, flag, recorded):
+    out = tmp_path / "r.kvc"
+    made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--ratio", "0.4", flag, "--json")
+    assert made.exit_code == 0, made.output
+    info = json.loads(run("inspect", out, "--json").stdout)
+    assert info["settings"]["refit"] == recorded

@@ -69,7 +69,7 @@ def test_lossless_is_exact(tmp_path, family):
 
 
 def _pruned(tmp_path, pre, scorer: str = "kvzip", **write):
-    pruning = score_context(pre.lm, pre.cache, pre.layout, scorer).keep(0.5)
+    pruning = score_context(pre.lm, pre.cache, pre.layout, scorer, refit=False).keep(0.5)
     path = tmp_path / "p.kvc"
     write_kvc(pre, path, pruning=pruning, **write)
     return pruning, path

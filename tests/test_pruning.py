@@ -1,5 +1,7 @@
 """Scorers, budgets, the pruned cache and its attention, on tiny random-weight models (mechanics, not quality)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -194,7 +196,7 @@ def test_pruned_file_attends_exactly_to_the_kept_entries(tmp_path, prefilled, sc
     if everything:
         pruning = Pruning(torch.ones_like(scored["kvzip"].scores, dtype=torch.bool), "kvzip", "global", 1.0, 0.0)
     else:
-        pruning = scored["kvzip"].keep(0.5, allocation)
+        pruning = replace(scored["kvzip"].keep(0.5, allocation), queries=None)  # stored values as computed
     keep = pruning.keep
     write_kvc(pre, tmp_path / "p.kvc", codec="zstd", bits=32, pruning=pruning)
     with kvc_attention_in(lm.model):

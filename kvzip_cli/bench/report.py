@@ -88,8 +88,8 @@ def _series_of(row: dict) -> tuple[str, str, bool]:
     """(series name, point label, joined) of a bench row."""
     if row["kind"] == "peer":
         return row["family"], f"{row['ratio']:g}", True
-    if row["kind"] == "kvc" and row["family"] == "kvc presets":
-        return "kvc presets", row["setting"].removeprefix("preset "), False
+    if row["kind"] == "kvc" and row["family"].startswith("kvc presets"):  # with or without the refit
+        return row["family"], row["setting"].removeprefix("preset ").removesuffix(" no-refit"), False
     if row["kind"] == "kvc" and row.get("scorer") is None and row["ratio"] == 1:
         return f"kvc full cache, {row['codec']}", f"{row['bits']}-bit", True
     if row["kind"] == "kvc" and row.get("scorer") is not None:
@@ -127,7 +127,7 @@ def plot_series(results: list[dict]) -> list[Series]:
 
 
 def _style(series: Series) -> dict:
-    if series.name == "kvc presets":
+    if series.name.startswith("kvc presets"):
         return {"marker": "*", "markersize": 11, "linestyle": "none"}
     if not series.joined:
         return {"marker": "o", "linestyle": "none"}
@@ -142,7 +142,7 @@ def _label_place(series: Series) -> dict:
     """Where a point's label goes, so that the labels of points that (nearly) coincide do not overprint: presets
     below right (the lossless preset is the 16-bit zstd full cache), the full cache above left with zstd and below
     left with the other codec (same symbols, same fidelity), ratios above right."""
-    if series.name == "kvc presets":
+    if series.name.startswith("kvc presets"):
         return {"xytext": (5, -11), "ha": "left"}
     if series.name == "kvc full cache, zstd":
         return {"xytext": (-4, 5), "ha": "right"}

@@ -2,7 +2,7 @@
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -77,7 +77,7 @@ def _row(setting: Setting, pre: Prefilled, **values) -> dict:
         "bits_per_element": 8 * file_bytes / elements if file_bytes else None,
         "compress_seconds": None, "prefill_seconds": pre.prefill_seconds, "load_seconds": None, "error": None,
         "scorer": setting.scorer, "allocation": setting.allocation, "score_seconds": None, "memory_ratio": None,
-        "key_bits": setting.key_bits or setting.bits,
+        "key_bits": setting.key_bits or setting.bits, "refit": setting.refit if setting.kind == "kvc" else None,
     }
     row.update(values)
     return row
@@ -91,6 +91,8 @@ def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: E
         if setting.scorer not in scored:
             scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task)
         pruning = scored[setting.scorer].keep(setting.ratio, setting.allocation)
+        if not setting.refit:
+            pruning = replace(pruning, queries=None)
     made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits, pruning=pruning,
                      quant=QuantOptions(key_bits=setting.key_bits))
     with kvc_attention_in(lm.model):

@@ -29,6 +29,7 @@ class Setting:
     scorer: str | None = None
     allocation: str | None = None  # None: the scorer's default
     key_bits: int | None = None  # None: as bits
+    refit: bool = True  # pruned kvc settings: the kept values refit (kvzip_cli.refit)
 
 
 def _check(ratios, bits, scorers, allocations, presets) -> None:
@@ -55,26 +56,33 @@ def _full_cache_family(bits: int) -> str:
     return "kvc lossless" if bits in FLOAT_BITS else "kvc quantized"
 
 
-def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=False,
-                allocations=(None,), presets=()) -> list[Setting]:
-    """The full cache at each bit width and codec, each scorer × allocation × ratio × bits, the named presets, the
-    peers at each ratio, size baselines.
+def _refit_label(refit: bool) -> str:
+    return "" if refit else " no-refit"
 
-    `peers`: True for every kvpress press in PEERS, or a sequence of their names.
+
+def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=False,
+                allocations=(None,), presets=(), refits=(True,)) -> list[Setting]:
+    """The full cache at each bit width and codec, each scorer × allocation × refit × ratio × bits, the named presets
+    (each refit choice), the peers at each ratio, size baselines.
+
+    `peers`: True for every kvpress press in PEERS, or a sequence of their names. `refits`: (True,), (False,) or
+    both; settings without refit are labelled "no-refit".
     """
     _check(ratios, bits, scorers, allocations, presets)
     sweep = [Setting(f"kvc {b}-bit {c}", _full_cache_family(b), "kvc", 1.0, b, c)
              for b in bits for c in FULL_CACHE_CODECS[b]]
     for s in scorers:
         for a in allocations:
-            name = f"kvc {s}" + (f" {a}" if a else "")
-            sweep += [Setting(f"{name} {r:g}" + (f" {b}-bit" if len(bits) > 1 else ""),
-                              name + (f" {b}-bit" if len(bits) > 1 else ""), "kvc", r, b, default_codec(b),
-                              scorer=s, allocation=a) for b in bits for r in ratios]
-    for name in presets:
-        p = PRESETS[name]
-        sweep.append(Setting(f"preset {name}", "kvc presets", "kvc", p.ratio, p.bits, p.codec, scorer=p.scorer,
-                             key_bits=p.key_bits))
+            for refit in refits:
+                name = f"kvc {s}" + (f" {a}" if a else "") + _refit_label(refit)
+                sweep += [Setting(f"{name} {r:g}" + (f" {b}-bit" if len(bits) > 1 else ""),
+                                  name + (f" {b}-bit" if len(bits) > 1 else ""), "kvc", r, b, default_codec(b),
+                                  scorer=s, allocation=a, refit=refit) for b in bits for r in ratios]
+    for refit in refits:
+        for name in presets:
+            p = PRESETS[name]
+            sweep.append(Setting(f"preset {name}{_refit_label(refit)}", f"kvc presets{_refit_label(refit)}", "kvc",
+                                 p.ratio, p.bits, p.codec, scorer=p.scorer, key_bits=p.key_bits, refit=refit))
     chosen = PEERS if peers is True else tuple(peers or ())
     for p in chosen:
         if p not in PEERS:

@@ -5,11 +5,13 @@ from .base import Scorer, ScoringInputs
 from .compactor import CompactorScorer
 from .knorm import KnormScorer
 from .kvzip import KVzipScorer
+from .kvzip_plus import KVzipPlusScorer
 from .random_baseline import RandomScorer
 from .streaming import StreamingScorer
 
 SCORERS: dict[str, type] = {
     "kvzip": KVzipScorer,
+    "kvzip-plus": KVzipPlusScorer,
     "compactor": CompactorScorer,
     "knorm": KnormScorer,
     "streaming": StreamingScorer,

@@ -1,5 +1,6 @@
 """What every scorer receives and returns."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,7 @@ class ScoringInputs:
     cache: DynamicCache
     layout: PromptLayout
     task: TaskFactory = silent_task
+    queries: Callable | None = None  # an attention observer recording reference queries (kvzip_cli.refit), if any
 
     @property
     def tokens(self) -> int:

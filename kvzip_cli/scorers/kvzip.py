@@ -8,6 +8,7 @@ its own, so chunks far from the question are not starved by the rest of the docu
 dropped after each pass.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +22,22 @@ PROMPT_ROOM = 64  # positions left for a pass's instruction
 
 
 def max_received(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int = 16,
-                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                 dtype: torch.dtype = torch.bfloat16, column: torch.Tensor | None = None,
+                 row: torch.Tensor | None = None) -> torch.Tensor:
     """The largest softmax weight each key receives from any query, maximised over the GQA group.
 
     query (1, heads, q, head_dim) are the last q of the k positions in key (1, kv_heads, k, head_dim), causal among
     themselves. Returns (kv_heads, k), float32. The products and the softmax run in `dtype` (bfloat16: the precision
     KVzip's reference runs in, and 3-4× faster than float32 on CPU), a few queries at a time so each block's
-    weights stay in the CPU cache.
+    weights stay in the CPU cache. Before the maximum, each weight can be scaled by a factor of its key and query
+    head, `column` (heads, k), and by one of its query, `row` (q,) (KVzip+).
     """
     _, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
     grouped = query[0].view(kv_heads, group, q_len, dim).to(dtype)
     keys_t = key[0].transpose(-1, -2).to(dtype).contiguous()
+    columns = None if column is None else column.view(kv_heads, group, 1, k_len).to(dtype)
     best = torch.zeros(kv_heads, k_len, device=query.device)
     own = torch.arange(k_len - q_len, k_len, device=query.device)[None, :]
     for start in range(0, q_len, block):
@@ -41,7 +45,12 @@ def max_received(query: torch.Tensor, key: torch.Tensor, scaling: float, block: 
         logits = torch.bmm(grouped[:, :, start:stop].reshape(kv_heads, -1, dim), keys_t).mul_(scaling)
         rows = torch.arange(start, stop, device=query.device)[:, None] + (k_len - q_len)
         logits.view(kv_heads, group, stop - start, k_len)[..., k_len - q_len :].masked_fill_(own > rows, float("-inf"))
-        torch.maximum(best, torch.softmax(logits, dim=-1).amax(dim=1).float(), out=best)
+        weights = torch.softmax(logits, dim=-1).view(kv_heads, group, stop - start, k_len)
+        if row is not None:
+            weights = weights * row[start:stop].view(1, 1, -1, 1).to(dtype)
+        if columns is not None:
+            weights = weights * columns
+        torch.maximum(best, weights.flatten(1, 2).amax(dim=1).float(), out=best)
     return best
 
 
@@ -52,6 +61,8 @@ class KVzipScorer:
     forward_tokens: int = 512  # a pass runs through the model this many tokens at a time, like the prefill
     name: str = "kvzip"
     default_allocation: str = "global"
+    records_queries = True  # fills inputs.queries as it scores (kvzip_cli.refit)
+    _chunk = (0, 0)  # the document span the running pass reconstructs
 
     def _chunk_size(self, inputs: ScoringInputs) -> int:
         """Smaller chunks near the model's position limit, so a pass never runs past the positions it was trained
@@ -78,26 +89,24 @@ class KVzipScorer:
             passes.append((first, last, prompt.input_ids + layout.prefix_ids[first:last]))
         return passes
 
-    @torch.inference_mode()
-    def score(self, inputs: ScoringInputs) -> torch.Tensor:
+    def reconstruct(self, inputs: ScoringInputs, observer, label: str) -> None:
+        """Run every reconstruction pass over the cached context with `observer` watching each attention layer
+        (kvzip_cli.attention.Observer); the cache is cropped back to the context after each pass, even after an
+        interrupt. `inputs.queries`, when given, records the passes' queries too (kvzip_cli.refit)."""
         model, cache, n = inputs.model, inputs.cache, inputs.tokens
-        prefix = inputs.layout.document_start
-        layers, kv_heads = len(cache.layers), cache.layers[0].keys.shape[1]
-        scores = torch.zeros(layers, kv_heads, n, device=model.device)
-        chunk = [0, 0]
-
-        def observer(layer: int, query, key, value, scaling):
-            first, last = chunk
-            seen = torch.cat([key[:, :, :prefix], key[:, :, first:last], key[:, :, n:]], dim=2)
-            best = max_received(query, seen, scaling)[:, prefix : prefix + last - first]
-            scores[layer, :, first:last] = torch.maximum(scores[layer, :, first:last], best)  # over a pass's pieces
-            return None  # the pass itself attends to everything, through SDPA
-
         passes = self._passes(inputs)
-        advance = inputs.task("score kvzip", sum(len(ids) for _, _, ids in passes))
-        with kvc_attention_in(model), observe_attention(observer):
+        total = sum(len(ids) for _, _, ids in passes)
+        recorder = inputs.queries
+
+        def watch(layer: int, query, key, value, scaling):
+            if recorder is not None:
+                recorder(layer, query, key, value, scaling)
+            return observer(layer, query, key, value, scaling)
+
+        advance = inputs.task(label, total)
+        with torch.inference_mode(), kvc_attention_in(model), observe_attention(watch):
             for first, last, ids in passes:
-                chunk[:] = first, last
+                self._chunk = first, last
                 try:
                     for a in range(0, len(ids), self.forward_tokens):
                         piece = ids[a : a + self.forward_tokens]
@@ -106,5 +115,35 @@ class KVzipScorer:
                               past_key_values=cache, use_cache=True, logits_to_keep=1)
                         advance(len(piece))
                 finally:
-                    cache.crop(n)  # the context's cache, as the prefill left it, even after an interrupt
+                    cache.crop(n)
+
+    def reconstruction_positions(self, inputs: ScoringInputs) -> int:
+        """How many query positions the reconstruction passes run."""
+        return sum(len(ids) for _, _, ids in self._passes(inputs))
+
+    @torch.inference_mode()
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
+        cache, n = inputs.cache, inputs.tokens
+        prefix = inputs.layout.document_start
+        layers, kv_heads = len(cache.layers), cache.layers[0].keys.shape[1]
+        scores = torch.zeros(layers, kv_heads, n, device=inputs.model.device)
+
+        def observer(layer: int, query, key, value, scaling):
+            first, last = self._chunk
+
+            def seen(t: torch.Tensor) -> torch.Tensor:  # the template, the chunk and the pass itself
+                return torch.cat([t[:, :, :prefix], t[:, :, first:last], t[:, :, n:]], dim=2)
+
+            best = self._received(layer, query, key, value, seen, scaling)
+            best = best[:, prefix : prefix + last - first]
+            scores[layer, :, first:last] = torch.maximum(scores[layer, :, first:last], best)  # over a pass's pieces
+            return None  # the pass itself attends to everything, through SDPA
+
+        self.reconstruct(inputs, observer, f"score {self.name}")
         return scores.cpu()
+
+    def _received(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  seen: Callable[[torch.Tensor], torch.Tensor], scaling: float) -> torch.Tensor:
+        """(kv_heads, k): what each key a pass's queries see (`seen` picks them along dim 2 of key, value) scores from
+        them (max_received)."""
+        return max_received(query, seen(key), scaling)

@@ -1,0 +1,126 @@
+"""Refitting the kept values after pruning (kvzip_cli.refit): the least-squares fit, the recorded reference queries,
+and the values a pruned file stores with and without it, on random tensors and tiny random-weight models."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kvc_format import KvcReader
+from kvzip_cli import compress_text, load
+from kvzip_cli.cache import layer_windows
+from kvzip_cli.cache_file import prefill_document, write_kvc
+from kvzip_cli.pruning import score_context
+from kvzip_cli.refit import MAX_QUERIES, ReferenceQueries, output_error, refit_values
+
+from family_models import family_model
+from test_pipeline import TEXT
+
+
+def _random_head(seed: int, kv_heads: int = 2, group: int = 3, tokens: int = 96, dim: int = 16, queries: int = 80):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(kv_heads, tokens, dim, generator=g) * 2
+    values = torch.randn(kv_heads, tokens, dim, generator=g)
+    q = torch.randn(kv_heads * group, queries, dim, generator=g) * 2
+    keep = torch.rand(kv_heads, tokens, generator=g) < 0.3
+    keep[:, 0] = True
+    return keys, values, keep, q
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_refit_lowers_the_error_it_minimises_and_leaves_dropped_rows(seed, softcap):
+    keys, values, keep, q = _random_head(seed)
+    scaling = keys.shape[-1] ** -0.5
+    fitted = refit_values(keys, values, keep, q, scaling, softcap)
+    before = output_error(keys, values, keep, q, scaling, softcap=softcap)
+    after = output_error(keys, values, keep, q, scaling, fitted, softcap=softcap)
+    assert after < 0.75 * before  # the fit is at most the error at V' = V; random data leaves much of it
+    assert torch.equal(fitted[~keep], values[~keep])
+    # Without the ridge term's pull towards the old values the fit can only get closer.
+    loose = refit_values(keys, values, keep, q, scaling, softcap, ridge=1e-9)
+    assert output_error(keys, values, keep, q, scaling, loose, softcap=softcap) <= after * (1 + 1e-4)
+
+
+def test_refit_of_the_whole_context_keeps_the_values():
+    keys, values, _, q = _random_head(0)
+    keep = torch.ones(keys.shape[:2], dtype=torch.bool)
+    fitted = refit_values(keys, values, keep, q, keys.shape[-1] ** -0.5)
+    torch.testing.assert_close(fitted, values, atol=1e-3, rtol=1e-3)
+
+
+def test_reference_queries_keep_every_stride_th_position_across_calls():
+    recorder = ReferenceQueries(stride=3)
+    positions = torch.arange(10, dtype=torch.float32)
+    for piece in (positions[:4], positions[4:5], positions[5:]):  # three forward passes of one layer
+        query = piece.view(1, 1, -1, 1).expand(1, 2, -1, 4)
+        recorder(0, query, None, None, 0.25)
+    got = recorder.layer(0)
+    assert got.shape == (2, 4, 4)
+    assert got[0, :, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert recorder.scaling[0] == 0.25 and recorder.layer(1) is None
+    assert ReferenceQueries.for_positions(3 * MAX_QUERIES + 1).stride == 4
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_tokenizer):
+    return prefill_document(TEXT, family_model("llama3", tiny_tokenizer), chunk_size=128)
+
+
+@pytest.mark.parametrize("scorer", ["kvzip", "knorm"])
+def test_scoring_records_reference_queries_for_every_layer(llama, scorer):
+    scored = score_context(llama.lm, llama.cache, llama.layout, scorer)
+    config = llama.lm.model.config
+    for i in range(config.num_hidden_layers):
+        queries = scored.queries.layer(i)
+        assert queries.shape[0] == config.num_attention_heads and queries.shape[1] > len(llama.layout.prefix_ids) / 2
+    assert score_context(llama.lm, llama.cache, llama.layout, scorer, refit=False).queries is None
+
+
+def _stored_values(path, lm) -> list[torch.Tensor]:
+    """Each layer's kept values as loaded, heads concatenated."""
+    return [torch.cat(layer.context_values, dim=1)[0] for layer in load(path, lm).cache.layers]
+
+
+def test_a_pruned_file_stores_the_refit_values(tmp_path, llama):
+    pre = llama
+    pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.4)
+    write_kvc(pre, tmp_path / "refit.kvc", bits=32, pruning=pruning)
+    write_kvc(pre, tmp_path / "plain.kvc", bits=32, pruning=replace(pruning, queries=None))
+    assert KvcReader(tmp_path / "refit.kvc").header["settings"]["refit"] == "values"
+    assert KvcReader(tmp_path / "plain.kvc").header["settings"]["refit"] is None
+    refit, plain = _stored_values(tmp_path / "refit.kvc", pre.lm), _stored_values(tmp_path / "plain.kvc", pre.lm)
+    lowered = 0
+    for i, layer in enumerate(pre.cache.layers):
+        keys, values, keep = layer.keys[0], layer.values[0], pruning.keep[i]
+        queries, scaling = pruning.queries.layer(i), pruning.queries.scaling[i]
+        expected = refit_values(keys, values, keep, queries, scaling)
+        torch.testing.assert_close(refit[i], torch.cat([expected[h, keep[h]] for h in range(len(keep))]))
+        assert torch.equal(plain[i], torch.cat([values[h, keep[h]] for h in range(len(keep))]))
+        before = output_error(keys, values, keep, queries, scaling)
+        lowered += output_error(keys, values, keep, queries, scaling, expected) < before
+    assert lowered == len(pre.cache.layers)
+
+
+def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
+    """Mistral's window (24 positions) is far shorter than the document: the fit's assumption does not hold."""
+    pre = prefill_document(TEXT, family_model("mistral", tiny_tokenizer), chunk_size=128)
+    pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.5)
+    write_kvc(pre, tmp_path / "m.kvc", bits=32, pruning=pruning)
+    reader = KvcReader(tmp_path / "m.kvc")
+    assert reader.header["settings"]["refit"] == "values"
+    windows = layer_windows(pre.lm.model.config)
+    for (i, stored_layer), window in zip(reader.iter_layers(), windows, strict=True):
+        values, keep = pre.cache.layers[i].values[0], pruning.keep[i]
+        stored = torch.from_numpy(stored_layer.values.data.astype("float32"))
+        if window is None:  # Mistral: every layer slides; a family with full layers too would refit those
+            continue
+        assert torch.equal(stored, torch.cat([values[h, keep[h]] for h in range(len(keep))]))
+
+
+def test_compress_without_refit(tmp_path, tiny_tokenizer):
+    lm = family_model("llama3", tiny_tokenizer)
+    compress_text(TEXT, tmp_path / "n.kvc", model=lm, preset="balanced", refit=False)
+    compress_text(TEXT, tmp_path / "r.kvc", model=lm, preset="balanced")
+    assert KvcReader(tmp_path / "n.kvc").header["settings"]["refit"] is None
+    assert KvcReader(tmp_path / "r.kvc").header["settings"]["refit"] == "values"
