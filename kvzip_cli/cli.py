@@ -194,7 +194,7 @@ def compress(
                                         "squares; about 20 s more for 4k tokens on 2 CPU cores) so attention "
                                         "over them gives what the full context gives to the model's queries "
                                         "while it repeats the document; lowers kld about 4x at 30% kept. The file "
-                                        "format is unchanged.")] = True,
+                                        "format is unchanged. Not with --target-top1/--target-kld.")] = True,
     chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
     target_top1: Annotated[float | None, typer.Option(help="Instead of a preset: search the ratio and bits for the "
                                                       "smallest file whose self-check top1 is at least this (e.g. "

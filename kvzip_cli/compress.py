@@ -71,12 +71,13 @@ def compress_text(
 
     With a `target` (kvzip_cli.calibrate.Target), the ratio and bits are searched for instead: the smallest file
     whose self-check meets the target, within `budget` prefills of search time; `preset`, `ratio`, `bits`,
-    `codec` and `quant.key_bits` must then be left unset.
+    `codec` and `quant.key_bits` must then be left unset, and the values are not refit (the self-check's
+    reconstruction probes are close to the refit's own queries, so it would overrate refit candidates).
     """
     if target is not None:
         return _calibrated(text, output, target, budget, model=model, scorer=scorer, allocation=allocation,
                            preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
-                           device=device, dtype=dtype, progress=progress, refit=refit)
+                           device=device, dtype=dtype, progress=progress)
     if budget is not None:
         raise UsageError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
     chosen = get_preset(preset or DEFAULT_PRESET)
@@ -105,7 +106,7 @@ def compress_text(
 
 def _calibrated(text: str, output: str | os.PathLike, target, budget: float | None, *, model, scorer, allocation,
                 preset, ratio, bits, codec, quant: QuantOptions, chunk_size: int, device: str, dtype: str,
-                progress: bool, refit: bool) -> CompressResult:
+                progress: bool) -> CompressResult:
     chosen = {"--preset": preset, "--ratio": ratio, "--bits": bits, "--codec": codec, "--key-bits": quant.key_bits}
     given = [name for name, value in chosen.items() if value is not None]
     if given:
@@ -120,7 +121,9 @@ def _calibrated(text: str, output: str | os.PathLike, target, budget: float | No
     lm = _checked_model(model, device, dtype, quant)
     with progress_bars(progress) as task:
         pre = prefill_document(text, lm, chunk_size, task)
-        scored = score_context(lm, pre.cache, pre.layout, scorer, task, refit)
+        # Without the refit: the self-check's reconstruction probes are close to the queries the values would be fit
+        # to, so it would overrate refit candidates.
+        scored = score_context(lm, pre.cache, pre.layout, scorer, task, refit=False)
         _, result = calibrate(pre, scored, target, Path(output), budget=budget,
                               allocation=allocation, quant=quant, task=task)
     return replace(result, seconds=time.perf_counter() - started)
