@@ -20,7 +20,7 @@ from pathlib import Path
 from kvzip_cli.bench.peers import PEERS, require_kvpress
 from kvzip_cli.bench.report import plot
 from kvzip_cli.bench.runner import run_bench
-from kvzip_cli.bench.sweep import DEFAULT_RATIOS, KVC_SCORERS, build_sweep
+from kvzip_cli.bench.sweep import DEFAULT_RATIOS, KVC_SCORERS, REFITS, build_sweep
 from kvzip_cli.document import read_document
 from kvzip_cli.models import load_model
 from kvzip_cli.progress import progress_bars
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
     parser.add_argument("--bits", default="16", help="bit widths, comma-separated (16, 32, 8, 4, 3, 2)")
     parser.add_argument("--presets", default="", help="presets to measure, comma-separated")
-    parser.add_argument("--refit", choices=("on", "off", "both"), default="on",
+    parser.add_argument("--refit", choices=tuple(REFITS), default="on",
                         help="pruned settings with their kept values refit, without, or both side by side")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -83,7 +83,7 @@ def main() -> None:
     sweep = build_sweep(ratios=tuple(float(r) for r in names(args.ratios)), scorers=names(args.scorers),
                         peers=names(args.peers), allocations=names(args.allocations) or (None,),
                         bits=tuple(int(b) for b in names(args.bits)), presets=names(args.presets),
-                        refits={"on": (True,), "off": (False,), "both": (True, False)}[args.refit])
+                        refits=REFITS[args.refit])
     write_results(measure(args.docs, sweep, args.out), args.out)
     print((args.out / "summary.md").read_text())
 

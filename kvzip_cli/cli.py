@@ -733,7 +733,7 @@ def bench(
     from .bench.report import plot as write_plot
     from .bench.report import print_table, require_matplotlib
     from .bench.runner import run_bench
-    from .bench.sweep import build_sweep
+    from .bench.sweep import REFITS, build_sweep
     from .document import read_document
     from .models import load_model
     from .progress import progress_bars
@@ -753,7 +753,7 @@ def bench(
         peers=peers,
         allocations=tuple(a.strip() for a in allocations.split(",") if a.strip()) or (None,),
         presets=tuple(p.strip() for p in presets.split(",") if p.strip()),
-        refits={"on": (True,), "off": (False,), "both": (True, False)}[Refit(refit).value],
+        refits=REFITS[Refit(refit).value],
     )
     if peers:
         require_kvpress()

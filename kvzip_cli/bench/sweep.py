@@ -10,6 +10,7 @@ from ..scorers import SCORERS
 from .peers import PEERS
 
 DEFAULT_RATIOS = (0.5, 0.3, 0.2, 0.1)
+REFITS = {"on": (True,), "off": (False,), "both": (True, False)}  # --refit choice → build_sweep's refits
 KVC_BITS = FLOAT_BITS + QUANT_BITS
 KVC_SCORERS = tuple(SCORERS)
 # Codecs measured on the full cache at each bit width: floats raw and zstd (both lossless); quantized symbols with
