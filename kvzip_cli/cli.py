@@ -59,6 +59,11 @@ class Allocation(str, Enum):
     position = "position"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Refit(str, Enum):
     on = "on"
     off = "off"
@@ -154,8 +159,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 @app.command()
 @cli_errors
 def compress(
-    document: Annotated[str, typer.Argument(help="UTF-8 text file to compress, or - to read stdin.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically).")],
+    documents: Annotated[list[str] | None, typer.Argument(
+        help="UTF-8 text file to compress, or - to read stdin. Several files, a folder (its files, recursively) "
+             "or a quoted glob compress a corpus into the folder -o, as does one file with -o an existing folder.",
+        show_default=False, metavar="DOCUMENT...")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .kvc file to write (atomically); for a corpus, "
+                                         "the folder for its .kvc files and manifest.jsonl (made if missing).")] = ...,
     model: ModelOption = "smollm2",
     preset: Annotated[PresetName | None, typer.Option(
         help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller; bit-exact for a model computing in 16 "
@@ -209,6 +218,19 @@ def compress(
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), bfloat16, "
                                        "float16, float32.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads torch computes with. The value refit's "
+                                                "least squares rounds differently with another count: equal "
+                                                "files need equal threads. (default: torch's, the cores here; in "
+                                                "a Ray actor on CPUs, the CPUs it holds, at least 1)")] = None,
+    list_file: Annotated[Path | None, typer.Option("--list", help="Corpus: a file naming documents, one path per "
+                                                   "line or JSON lines with a \"path\" key (relative paths from "
+                                                   "the current folder).")] = None,
+    engine: Annotated[Engine, typer.Option(help="Corpus: local (this process, one model) or ray (a Ray Data job: "
+                                           "`pip install 'kvc[ray]'`).")] = Engine.local,
+    address: Annotated[str | None, typer.Option(help="--engine ray: the Ray cluster to join (as ray.init's "
+                                                "address, e.g. auto); default: a local one for this run.")] = None,
+    actors: Annotated[int | None, typer.Option(min=1, help="--engine ray: model-holding actors (default: one per "
+                                               "GPU in the cluster; without GPUs, 2).")] = None,
     json_output: JsonOption = False,
 ):
     """Prefill DOCUMENT once through the model and store its KV cache in a .kvc file.
@@ -220,15 +242,19 @@ def compress(
     With --target-top1 or --target-kld, kvc scores the document once and searches for the smallest file whose
     self-check meets the target (within --budget prefills of extra time); the file records the target, the
     chosen settings and the self-check figures (`kvc inspect` shows them).
+
+    On a corpus (several documents, a folder, a glob, --list, or -o an existing folder) the model loads once and
+    each document gets its own .kvc in the folder -o, named by its content and the settings, and a row in
+    manifest.jsonl there; a document already done is skipped (its file verified), one that fails is recorded
+    and the others go on. Exit code 1 when any document failed. --engine ray runs it as a Ray Data job.
     """
     from .cache_file import QuantOptions
     from .calibrate import Target
     from .compress import compress as run_compress
+    from .corpus_inputs import is_corpus
 
     wants_target = target_top1 is not None or target_kld is not None
-    result = run_compress(
-        document,
-        output,
+    options = dict(
         model=model,
         preset=preset.value if preset else None,
         codec=codec.value if codec else None,
@@ -240,11 +266,23 @@ def compress(
         chunk_size=chunk_size,
         device=device,
         dtype=dtype,
-        progress=not json_output,
         target=Target(target_top1, target_kld) if wants_target else None,
         budget=budget,
         refit=refit,
     )
+    if not documents and list_file is None:
+        raise UsageError("give a DOCUMENT (or several, a folder, a glob) or --list FILE")
+    if is_corpus(documents or [], output, list_file):
+        _compress_corpus(documents or [], list_file, output, options, engine, address, actors, threads, json_output)
+        return
+    if engine is not Engine.local or address is not None or actors is not None:
+        raise UsageError("--engine, --address and --actors apply to a corpus: give -o a folder")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    (document,) = documents
+    result = run_compress(document, output, progress=not json_output, **options)
     calibration = result.calibration
     if calibration is not None and not calibration["met"]:
         typer.echo(f"warning: no setting met the target {calibration['target']}; wrote the {_chosen(calibration)} "
@@ -266,6 +304,41 @@ def compress(
     typer.echo(f"  time         {result.seconds:.1f} s (prefill {result.prefill_seconds:.1f} s)")
     if calibration is not None:
         typer.echo(f"  calibrated   {_calibration_line(calibration)}")
+
+
+def _compress_corpus(documents: list[str], list_file: Path | None, output: Path, options: dict, engine: "Engine",
+                     address: str | None, actors: int | None, threads: int | None, json_output: bool) -> None:
+    from .compress import check_options
+    from .corpus_inputs import expand, is_uri
+
+    recorded = check_options(**options)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"-o {output} is a file: a corpus is written into a folder")
+    if engine is Engine.local and (address is not None or actors is not None):
+        raise UsageError("--address and --actors are for --engine ray")
+    sources = expand(documents, list_file, output)
+    if engine is Engine.local and any(is_uri(s) for s in sources):
+        raise UsageError("object storage (a URI) is read by --engine ray only")
+    if engine is Engine.ray:
+        from .corpus_ray import run_ray as run_engine
+    else:
+        from .corpus import run_local as run_engine
+    try:
+        result = run_engine(sources, output, options, recorded, threads=threads, progress=not json_output,
+                            **({"address": address, "actors": actors} if engine is Engine.ray else {}))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; {output / 'manifest.jsonl'} lists the documents finished (no partial .kvc file)", 130)
+    if json_output:
+        _emit_json(result)
+    else:
+        rate = f", {result['tokens_per_second']:,.0f} tokens/s" if result["ok"] else ""
+        typer.echo(f"compressed {result['documents']} documents into {output}: {result['ok']} ok, "
+                   f"{result['skipped']} skipped (done before), {result['errors']} failed, in "
+                   f"{result['seconds']:.1f} s{rate}")
+        typer.echo(f"  manifest     {result['manifest']}")
+    if result["errors"]:
+        _fail(f"{result['errors']} of {result['documents']} documents failed: their errors are in "
+              f"{result['manifest']}")
 
 
 def _chosen(calibration: dict) -> str:

@@ -78,18 +78,8 @@ def compress_text(
         return _calibrated(text, output, target, budget, model=model, scorer=scorer, allocation=allocation,
                            preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
                            device=device, dtype=dtype, progress=progress)
-    if budget is not None:
-        raise UsageError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
-    chosen = get_preset(preset or DEFAULT_PRESET)
-    record = preset_record(chosen, ratio=ratio, scorer=scorer, bits=bits, codec=codec, key_bits=quant.key_bits)
-    ratio = chosen.ratio if ratio is None else ratio
-    scorer = chosen.scorer if scorer is None else scorer
-    bits = chosen.bits if bits is None else bits
-    if codec is None:
-        codec = chosen.codec if bits == chosen.bits else default_codec(bits)
-    if quant.key_bits is None and bits == chosen.bits and chosen.key_bits is not None:
-        quant = replace(quant, key_bits=chosen.key_bits)
-    check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
+    ratio, scorer, bits, codec, quant, record = _settings(preset, codec, ratio, scorer, allocation, bits, quant,
+                                                          chunk_size, budget)
     check_output(Path(output))
     started = time.perf_counter()
     lm = _checked_model(model, device, dtype, quant if bits in QUANT_BITS else None)
@@ -104,9 +94,41 @@ def compress_text(
     return replace(result, seconds=time.perf_counter() - started)
 
 
-def _calibrated(text: str, output: str | os.PathLike, target, budget: float | None, *, model, scorer, allocation,
-                preset, ratio, bits, codec, quant: QuantOptions, chunk_size: int, device: str, dtype: str,
-                progress: bool) -> CompressResult:
+def check_options(*, preset: str | None = None, codec: str | None = None, ratio: float | None = None,
+                  scorer: str | None = None, allocation: str | None = None, bits: int | None = None,
+                  quant: QuantOptions = QuantOptions(), chunk_size: int = DEFAULT_CHUNK, target: Target | None = None,
+                  budget: float | None = None, **_) -> dict:
+    """Refuse (UsageError) the options `compress_text` would refuse, before any document or model (kvc compress on
+    a corpus checks them once, not once per document). Returns settings a file made with them records (header
+    `settings`): those the options fix, whatever the document."""
+    if target is not None:
+        _calibrated_settings(target, budget, preset, ratio, bits, codec, scorer, allocation, quant, chunk_size)
+        return {"chunk_size": chunk_size}
+    ratio, _, bits, codec, _, record = _settings(preset, codec, ratio, scorer, allocation, bits, quant, chunk_size,
+                                                 budget)
+    return {"ratio": ratio, "bits": bits, "codec": codec, "chunk_size": chunk_size, **record}
+
+
+def _settings(preset, codec, ratio, scorer, allocation, bits, quant: QuantOptions, chunk_size: int, budget):
+    """A preset's settings with the options given over them, checked: (ratio, scorer, bits, codec, quant, record)."""
+    if budget is not None:
+        raise UsageError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
+    chosen = get_preset(preset or DEFAULT_PRESET)
+    record = preset_record(chosen, ratio=ratio, scorer=scorer, bits=bits, codec=codec, key_bits=quant.key_bits)
+    ratio = chosen.ratio if ratio is None else ratio
+    scorer = chosen.scorer if scorer is None else scorer
+    bits = chosen.bits if bits is None else bits
+    if codec is None:
+        codec = chosen.codec if bits == chosen.bits else default_codec(bits)
+    if quant.key_bits is None and bits == chosen.bits and chosen.key_bits is not None:
+        quant = replace(quant, key_bits=chosen.key_bits)
+    check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
+    return ratio, scorer, bits, codec, quant, record
+
+
+def _calibrated_settings(target: Target, budget, preset, ratio, bits, codec, scorer, allocation, quant: QuantOptions,
+                         chunk_size: int) -> tuple[float, str]:
+    """A target search's settings, checked: (budget, scorer)."""
     chosen = {"--preset": preset, "--ratio": ratio, "--bits": bits, "--codec": codec, "--key-bits": quant.key_bits}
     given = [name for name, value in chosen.items() if value is not None]
     if given:
@@ -116,6 +138,14 @@ def _calibrated(text: str, output: str | os.PathLike, target, budget: float | No
     check_budget(budget)
     scorer = scorer or get_preset(DEFAULT_PRESET).scorer
     check_settings("ans", 1.0, 4, chunk_size, scorer, allocation, quant)
+    return budget, scorer
+
+
+def _calibrated(text: str, output: str | os.PathLike, target, budget: float | None, *, model, scorer, allocation,
+                preset, ratio, bits, codec, quant: QuantOptions, chunk_size: int, device: str, dtype: str,
+                progress: bool) -> CompressResult:
+    budget, scorer = _calibrated_settings(target, budget, preset, ratio, bits, codec, scorer, allocation, quant,
+                                          chunk_size)
     check_output(Path(output))
     started = time.perf_counter()
     lm = _checked_model(model, device, dtype, quant)
