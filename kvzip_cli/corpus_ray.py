@@ -7,9 +7,11 @@ its document tried again, RETRIES more times; a document still not done then is 
 on. Ray is imported here only: the local engine never needs it.
 """
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -76,12 +78,14 @@ def run_ray(sources: list[str], out_dir: Path, options: dict, recorded: dict, *,
         import ray.data
     except ImportError:
         raise KvcError("--engine ray needs Ray Data: pip install 'kvc[ray]'") from None
-    started_here = _init(ray, address)
-    try:
-        return _run(ray, sources, out_dir, options, recorded, actors, threads, progress)
-    finally:
-        if started_here:
-            ray.shutdown()
+    # Ray prints its own notices (a worker died, …) on stdout, where --json's object goes: they go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        started_here = _init(ray, address)
+        try:
+            return _run(ray, sources, out_dir, options, recorded, actors, threads, progress)
+        finally:
+            if started_here:
+                ray.shutdown()  # disconnects from a cluster given by --address; stops one started here
 
 
 def _run(ray, sources, out_dir, options, recorded, actors, threads, progress) -> dict:
