@@ -17,10 +17,14 @@ def is_uri(source: str) -> bool:
 
 def is_corpus(documents: list[str], output: Path, list_file: Path | None) -> bool:
     """Whether `kvc compress` runs on a corpus: a list, several documents, a folder, a glob, or -o a folder."""
-    if list_file is not None or len(documents) != 1 or output.is_dir():
+    if list_file is not None or len(documents) != 1:
         return True
     (document,) = documents
-    if document == "-" or Path(document).is_file():
+    if document == "-":
+        return False
+    if output.is_dir():
+        return True
+    if Path(document).is_file():
         return False
     return Path(document).is_dir() or is_uri(document) or any(c in document for c in GLOB_CHARS)
 

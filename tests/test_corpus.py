@@ -135,9 +135,11 @@ def test_list_file_glob_and_one_file_into_a_folder(tmp_path, corpus, tiny_folder
                  "--json")
     assert [Path(r["source"]).name for r in manifest(out)] == ["a.txt", "b.txt", "empty.txt", "latin1.txt"]
     assert [r["status"] for r in manifest(out)] == ["skipped", "skipped", "error", "error"]
-    # one file, -o an existing folder: a corpus of one
+    # one file, -o an existing folder: a corpus of one; stdin stays a single document
     result = run("compress", corpus / "a.txt", "-o", out, "--model", tiny_folder, "--preset", "lossless", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["skipped"] == 1
+    result = runner.invoke(app, ["compress", "-", "-o", str(out), "--model", str(tiny_folder)], input="text")
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: output {out} is a directory"
 
 
 def test_a_document_too_long_for_the_model_is_a_row(tmp_path, corpus, tiny_folder):
