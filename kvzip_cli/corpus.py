@@ -92,7 +92,7 @@ def existing(path: Path, digest: str, job: Job) -> dict | None:
                 return None
             reader.verify()
             geometry = reader.geometry
-    except (KvcFormatError, OSError):
+    except (KvcFormatError, OSError, AttributeError, TypeError):  # unreadable, or a header not as kvc writes it
         return None
     size = path.stat().st_size
     raw = raw_fp16_bytes(geometry.layers, geometry.kv_heads, geometry.head_dim, geometry.tokens)
@@ -136,7 +136,7 @@ class Compressor:
         started = time.perf_counter()
         try:
             text = read()
-        except KvcError as exc:
+        except (KvcError, OSError) as exc:
             return row(source, error=one_line(exc), seconds=time.perf_counter() - started)
         digest = hashlib.sha256(text.encode()).hexdigest()
         output = self.job.output(source, digest)

@@ -4,6 +4,7 @@ engine's readers (kvzip_cli.corpus_ray lists what lies under it)."""
 
 import glob
 import json
+import os
 from pathlib import Path
 
 from .errors import KvcError, UsageError
@@ -68,6 +69,11 @@ def _folder_files(folder: Path, skip: Path) -> list[str]:
     return found
 
 
+def _key(source: str) -> str:
+    """What makes two sources the same document: `a.txt` and `./a.txt` are one."""
+    return source if is_uri(source) else os.path.abspath(source)
+
+
 def expand(documents: list[str], list_file: Path | None, output_dir: Path) -> list[str]:
     """The documents to compress, in order, each once. A named file that does not exist stays in the list (its row
     will say so); a glob or folder that matches nothing is an error, as is an empty corpus."""
@@ -88,7 +94,10 @@ def expand(documents: list[str], list_file: Path | None, output_dir: Path) -> li
         else:
             found = [source]
         sources.extend(found)
-    unique = list(dict.fromkeys(sources))
+    first: dict[str, str] = {}
+    for source in sources:
+        first.setdefault(_key(source), source)
+    unique = list(first.values())
     if not unique:
         raise KvcError("no document to compress (the folders given hold no file)")
     return unique

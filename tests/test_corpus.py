@@ -108,8 +108,12 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_not(tmp_path, corpus, tiny_
 
 def test_same_bytes_as_the_single_document_command(tmp_path, corpus, tiny_folder):
     out = tmp_path / "out"
-    assert run("compress", corpus / "a.txt", corpus / "b.txt", "-o", out, "--model", tiny_folder,
-               *SETTINGS).exit_code == 0
+    result = run("compress", corpus / "a.txt", corpus / "b.txt", "-o", out, "--model", tiny_folder, *SETTINGS)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"compressed 2 documents into {out}: 2 ok, 0 skipped (done before), 0 failed")
+    progress = result.stderr.splitlines()  # stderr is no terminal here: a line per document
+    assert [line.split(" ok ")[0] for line in progress] == ["kvc compress: [1/2]", "kvc compress: [2/2]"]
+    assert "tokens/s, eta" in progress[0] and progress[1].endswith("tokens/s")
     for row in manifest(out):
         single = tmp_path / "single.kvc"
         result = run("compress", row["source"], "-o", single, "--model", tiny_folder, *SETTINGS, "--json")
