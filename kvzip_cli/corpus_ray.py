@@ -106,8 +106,9 @@ def _run(ray, sources, out_dir, options, recorded, actors, threads, progress) ->
 
     def rows():
         done = set()
+        records = iter(dataset.iter_rows())
         try:
-            for record in dataset.iter_rows():
+            for record in records:
                 entry = json.loads(record["row"])
                 if entry.pop("fatal", False):
                     raise KvcError(entry["error"])
@@ -116,6 +117,8 @@ def _run(ray, sources, out_dir, options, recorded, actors, threads, progress) ->
                 yield entry
         except ray.exceptions.RayError as exc:
             raise KvcError(f"the Ray job failed: {one_line(exc)}") from None
+        finally:
+            records.close()  # stops the job now, while Ray is up (not when collected, after it shut down)
         for source in sources:  # what lies under a URI is known from Ray's rows only
             if source not in done and not is_uri(source):
                 yield row(source, error=f"lost: the Ray worker compressing it died {RETRIES + 1} times (killed, or "

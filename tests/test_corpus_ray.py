@@ -106,14 +106,15 @@ def test_the_job_finishes_with_a_complete_manifest_after_a_killed_worker(first_r
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: 1 of 5 documents failed")
     summary = json.loads(result.stdout)
-    assert (summary["documents"], summary["ok"], summary["skipped"], summary["errors"]) == (5, 4, 0, 1)
-    assert summary["engine"] == "ray"
+    # A worker killed after its file was complete but before its row came back: the retry finds the file `skipped`.
+    assert (summary["documents"], summary["ok"] + summary["skipped"], summary["errors"]) == (5, 4, 1)
+    assert summary["skipped"] <= 1 and summary["engine"] == "ray"
     rows = manifest(out)
     assert [Path(r["source"]).name for r in rows] == sorted(p.name for p in corpus.iterdir())
     (bad,) = (r for r in rows if r["status"] == "error")
     assert Path(bad["source"]).name == "corrupt.txt" and "looks binary" in bad["error"]
     for row in rows:
-        if row["status"] == "ok":
+        if row["status"] != "error":
             with KvcReader(row["output"]) as reader:
                 reader.verify()
                 assert reader.header["document"]["sha256"] == row["digest"]
@@ -141,3 +142,13 @@ def test_the_files_are_the_single_document_commands(first_run, tmp_path):
         result = kvc("compress", row["source"], "-o", single, *SETTINGS, "--threads", "1", "--json")
         assert result.returncode == 0, result.stderr
         assert_same_cache(Path(row["output"]), single)
+
+
+def test_a_model_that_does_not_load_stops_the_job_with_one_line(cluster, corpus, tmp_path):
+    out = tmp_path / "out"
+    result = kvc("compress", corpus, "-o", out, "--model", "no-such-model", "--engine", "ray", "--address", cluster)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown model") and "Traceback" not in result.stderr
+    assert not list(out.glob("*.kvc"))
