@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from kvzip_cli.bench import runner as bench_runner
 from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
 from kvzip_cli.bench.metrics import FidelityTotals, agreement, needle_found
 from kvzip_cli.bench.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
@@ -429,3 +430,24 @@ def test_sweep_measures_refit_both_ways_side_by_side():
     assert pruned == {"kvc kvzip 0.3": True, "kvc kvzip no-refit 0.3": False, "preset balanced": True,
                       "preset balanced no-refit": False}
     assert all(s.refit for s in build_sweep(ratios=(0.3,)) if s.kind == "kvc")
+
+
+def test_scorers_refit_only_where_a_setting_refits():
+    both = build_sweep(ratios=(0.3,), scorers=("kvzip", "compactor"), refits=(True, False))
+    assert bench_runner.refitting_scorers(both) == {"kvzip", "compactor"}
+    assert bench_runner.refitting_scorers(build_sweep(ratios=(0.3,), scorers=("compactor",), refits=(False,))) == set()
+
+
+def test_bench_without_refit_records_no_reference_queries(monkeypatch, tiny_folder, short_doc):
+    asked = []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("refit"))
+        return score_context(*args, **kwargs)
+
+    score_context = bench_runner.score_context
+    monkeypatch.setattr(bench_runner, "score_context", recording)
+    result = bench(short_doc, "--model", tiny_folder, "--scorers", "compactor", "--ratios", "0.5", "--presets", "",
+                   "--refit", "off", "--new-tokens", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert asked == [False]

@@ -83,13 +83,20 @@ def _row(setting: Setting, pre: Prefilled, **values) -> dict:
     return row
 
 
+def refitting_scorers(sweep: list[Setting]) -> set[str]:
+    """The scorers some pruned kvc setting of `sweep` refits with: only their scoring records the reference queries
+    (for a scorer other than KVzip, in reconstruction passes of their own, about two prefills)."""
+    return {s.scorer for s in sweep if s.kind == "kvc" and s.ratio < 1 and s.refit}
+
+
 def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator, reference: Reference,
-                 workdir: Path, scored: dict[str, Scored], task: TaskFactory) -> dict:
+                 workdir: Path, scored: dict[str, Scored], refitting: set[str], task: TaskFactory) -> dict:
     path = workdir / "bench.kvc"
     pruning = None
     if setting.ratio < 1:
         if setting.scorer not in scored:
-            scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task)
+            scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task,
+                                                   refit=setting.scorer in refitting)
         pruning = scored[setting.scorer].keep(setting.ratio, setting.allocation)
         if not setting.refit:
             pruning = replace(pruning, queries=None)
@@ -153,13 +160,13 @@ def run_bench(text: str, document: str, lm: LoadedModel, sweep: list[Setting], u
     evaluator = Evaluator(lm, pre.layout, probes, needles, new_tokens)
     reference = evaluator.reference(CacheUnderTest(pre.cache, pre.tokens))
     advance(1)
-    rows, scored = [], {}
+    rows, scored, refitting = [], {}, refitting_scorers(sweep)
     habits = evaluator.habits(reference)
     with tempfile.TemporaryDirectory(prefix="kvc-bench-") as tmp:
         for setting in sweep:
             started = time.perf_counter()
             if setting.kind == "kvc":
-                row = _measure_kvc(setting, pre, lm, evaluator, reference, Path(tmp), scored, task)
+                row = _measure_kvc(setting, pre, lm, evaluator, reference, Path(tmp), scored, refitting, task)
             elif setting.kind == "peer":
                 row = _measure_peer(setting, pre, lm, evaluator, reference)
             else:
