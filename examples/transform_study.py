@@ -74,7 +74,7 @@ class Head:
 
 
 def coded_bytes(symbols: np.ndarray, rows: list[int]) -> int:
-    codec, coded, tables = encode_symbols(symbols, np.asarray(rows, np.int64), 256, "rans")
+    _, coded, tables = encode_symbols(symbols, np.asarray(rows, np.int64), 256, "rans")
     size = len(coded[0])
     return size + (len(codecs.encode("zstd", tables.astype("<u2").tobytes(), 2)[0]) if tables.size else 0)
 
