@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transform_study import DOCS, HERE, coded_bytes, row_values, scalar_keys, zstd_bytes  # noqa: E402
+from transform_study import DOCS, HERE, coded_bytes, finish_plot, row_values, scalar_keys, zstd_bytes  # noqa: E402
 
 from kvc_format import encode_positions  # noqa: E402
 from kvzip_cli.attention import kvc_attention_in  # noqa: E402
@@ -247,18 +247,7 @@ def summarise(results: list[dict], out: Path) -> None:
         style = {"marker": "o", "linestyle": "-" if label.startswith("refit") else "--"}
         (line,) = ax_kld.plot(xs, [p["kld"] for p in points], label=label, **style)
         ax_top1.plot(xs, [p["top1"] for p in points], color=line.get_color(), **style)
-    for ax in (ax_kld, ax_top1):
-        ax.set_xscale("log")
-        ax.set_xlabel("compression (fp16 KV bytes / stored bytes)")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_kld.set_yscale("log")
-    ax_kld.set_ylabel("kld against the full cache, nats")
-    ax_top1.set_ylabel("top1 against the full cache")
-    ax_kld.legend(fontsize=8)
-    fig.suptitle("issue 20: a per-key logit bias after pruning vs today's refit, "
-                 + ", ".join(r["document"] for r in results) + " (SmolLM2-135M; mean where several)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=110)
+    finish_plot(fig, ax_kld, ax_top1, "a per-key logit bias after pruning vs today's refit", results, out / "study.png")
 
 
 def main() -> None:

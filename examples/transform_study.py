@@ -298,6 +298,12 @@ def summarise(results: list[dict], out: Path) -> None:
             "marker": "o", "linestyle": "-" if method == "scalar" else "--"}
         (line,) = ax_kld.plot(xs, [p["kld"] for p in points], label=f"{method}, kept {ratio:g}", **style)
         ax_top1.plot(xs, [p["top1"] for p in points], color=line.get_color(), **style)
+    finish_plot(fig, ax_kld, ax_top1, "transform coding and allocations vs today's quantizer", results,
+                out / "study.png")
+
+
+def finish_plot(fig, ax_kld, ax_top1, what: str, results: list[dict], path: Path) -> None:
+    """Axes, legend and title of a kld/top1-against-compression figure, saved to `path`."""
     for ax in (ax_kld, ax_top1):
         ax.set_xscale("log")
         ax.set_xlabel("compression (fp16 KV bytes / stored bytes)")
@@ -306,10 +312,10 @@ def summarise(results: list[dict], out: Path) -> None:
     ax_kld.set_ylabel("kld against the full cache, nats")
     ax_top1.set_ylabel("top1 against the full cache")
     ax_kld.legend(fontsize=8)
-    fig.suptitle("issue 20: transform coding and allocations vs today's quantizer, "
-                 + ", ".join(r["document"] for r in results) + " (SmolLM2-135M; mean where several)", fontsize=9)
+    fig.suptitle(f"issue 20: {what}, " + ", ".join(r["document"] for r in results)
+                 + " (SmolLM2-135M; mean where several)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 def _series(table: list[dict]) -> dict:
