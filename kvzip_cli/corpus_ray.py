@@ -8,7 +8,6 @@ on. Ray is imported here only: the local engine never needs it.
 """
 
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -82,18 +81,11 @@ def run_ray(sources: list[str], out_dir: Path, options: dict, recorded: dict, *,
     # Ray prints its own notices (a worker died, …) on stdout, where --json's object goes: they go to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         started_here = _init(ray, address)
-        failure = None
         try:
             return _run(ray, sources, out_dir, options, recorded, actors, threads, progress)
-        except KvcError as exc:
-            failure = str(exc)  # not the exception itself: its traceback holds the job's Ray objects
         finally:
             if started_here:
-                # Ray objects freed after the shutdown (at exit) make Ray's core worker print a notice after kvc's
-                # error line: free them first.
-                gc.collect()
                 ray.shutdown()  # disconnects from a cluster given by --address; stops one started here
-        raise KvcError(failure)
 
 
 def _run(ray, sources, out_dir, options, recorded, actors, threads, progress) -> dict:
