@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -85,7 +87,21 @@ def run_ray(sources: list[str], out_dir: Path, options: dict, recorded: dict, *,
             return _run(ray, sources, out_dir, options, recorded, actors, threads, progress)
         finally:
             if started_here:
+                _join_ray_data_threads()
                 ray.shutdown()  # disconnects from a cluster given by --address; stops one started here
+
+
+# Ray Data's executor waits only 2 s for its scheduling thread when a job stops early; on a loaded machine that
+# thread (or the metadata prefetcher) still runs when ray.shutdown() tears the core worker down, and Ray then
+# prints a C++ notice after kvc's error line. They end on their own once the job is stopped: wait for them.
+_RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch")
+
+
+def _join_ray_data_threads(timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(_RAY_DATA_THREADS):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _run(ray, sources, out_dir, options, recorded, actors, threads, progress) -> dict:
