@@ -1,6 +1,6 @@
-"""Measure candidate presets (kept ratio, value bits, key bits; KVzip scores, refit values, rANS) over the bench
-documents and write examples/results/frontier/: JSON per document, an averaged table and a plot of kld and top1
-against compression, one line per bit combination over the ratios.
+"""Measure candidate presets (kept ratio, value bits, key bits; KVzip scores, values refit with a logit bias,
+rANS) over the bench documents and write examples/results/frontier/: JSON per document, an averaged table and a plot
+of kld and top1 against compression, one line per bit combination over the ratios.
 
     python examples/preset_frontier.py [--candidates 0.3:3:3,0.25:2:3,...] [--beside DIR] [--out DIR] [DOC ...]
 
@@ -31,7 +31,7 @@ def candidate_sweep(spec: str) -> list[Setting]:
         ratio, value_bits, key_bits = item.split(":")
         r, vb, kb = float(ratio), int(value_bits), int(key_bits)
         sweep.append(Setting(f"kvzip {r:g} k{kb}/v{vb}", f"kvc kvzip, {kb}-bit keys/{vb}-bit values", "kvc", r, vb,
-                             "ans", scorer="kvzip", key_bits=kb, refit=True))
+                             "ans", scorer="kvzip", key_bits=kb, refit="bias"))
     return sweep
 
 

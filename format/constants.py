@@ -5,7 +5,7 @@ import numpy as np
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVCINDEX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 4
+MINOR_VERSION = 5
 LITTLE_ENDIAN = ord("L")
 
 PREAMBLE_SIZE = 16  # magic(8) major(u16) minor(u16) byte_order(u8) reserved(3)
@@ -47,7 +47,9 @@ SECTION_STREAMS: dict[str, tuple[str, ...]] = {
         "counts", "positions", "exact_keys", "exact_values", "key_zero", "key_step", "key_symbols", "key_tables",
         "value_zero", "value_step", "value_symbols", "value_tables",
     ),
+    "kv_layer_bias": ("bias",),  # 1.5: a logit bias per kept entry of one pruned or quantized layer
 }
+BIAS_SECTION = "kv_layer_bias"
 
 # The section type that stores one layer, for each `cache.layout`.
 LAYER_SECTION: dict[str, str] = {"dense": "kv_layer", "pruned": "kv_layer_pruned", "quantized": "kv_layer_quantized"}

@@ -5,6 +5,8 @@ For every layer `l` and KV head `h`:
     layers.{l}.heads.{h}.keys       (n, head_dim)  the keys as the model cached them (RoPE applied), dequantized
     layers.{l}.heads.{h}.values     (n, head_dim)  the values, dequantized
     layers.{l}.heads.{h}.positions  (n,) int32     the token position of each row, ascending
+    layers.{l}.heads.{h}.bias       (n,)           only in layers that store one (format 1.5): the logit bias to add
+                                                   to each row's attention score (float32, or the export dtype)
 where n is the number of entries the head kept (every token for a dense cache). Keys and values are float32 unless
 asked otherwise. The safetensors metadata (strings) holds `kvc.format` (the file's format version), `kvc.layout`,
 `layers`, `kv_heads`, `head_dim`, `tokens`, and `kvc.header`: the whole `.kvc` header as JSON (model fingerprint,
@@ -78,13 +80,25 @@ def iter_heads(reader: KvcReader) -> Iterator[tuple[int, int, np.ndarray, np.nda
             yield layer, head, keys, values, positions
 
 
+def head_biases(reader: KvcReader, layer: int) -> list[np.ndarray] | None:
+    """The logit bias of `layer` split per KV head (float32 (n,) each), or None when the layer stores none."""
+    bias = reader.read_bias(layer)
+    if bias is None:
+        return None
+    return np.split(bias, np.cumsum(reader.head_counts(layer))[:-1])
+
+
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Decode a whole `.kvc` file into the named per-head arrays above (float32 keys and values)."""
+    """Decode a whole `.kvc` file into the named per-head arrays above (float32 keys, values and any bias)."""
     with KvcReader(path) as reader:
         out = {}
-        for layer, head, keys, values, positions in iter_heads(reader):
-            prefix = f"layers.{layer}.heads.{head}."
-            out.update({prefix + "keys": keys, prefix + "values": values, prefix + "positions": positions})
+        for layer, heads in iter_layer_heads(reader):
+            biases = head_biases(reader, layer)
+            for head, (keys, values, positions) in enumerate(heads):
+                prefix = f"layers.{layer}.heads.{head}."
+                out.update({prefix + "keys": keys, prefix + "values": values, prefix + "positions": positions})
+                if biases is not None:
+                    out[prefix + "bias"] = biases[head]
         return out
 
 
@@ -111,9 +125,11 @@ def _safetensors_header(reader: KvcReader, dtype: str) -> bytes:
     for layer in range(reader.geometry.layers):
         for head, n in enumerate(reader.head_counts(layer)):
             prefix = f"layers.{layer}.heads.{head}."
-            for name, kind, shape, size in (("keys", code, [n, dim], n * dim * np_dtype.itemsize),
-                                            ("values", code, [n, dim], n * dim * np_dtype.itemsize),
-                                            ("positions", "I32", [n], 4 * n)):
+            tensors = [("keys", code, [n, dim], n * dim * np_dtype.itemsize),
+                       ("values", code, [n, dim], n * dim * np_dtype.itemsize), ("positions", "I32", [n], 4 * n)]
+            if layer in reader.bias_layers:
+                tensors.append(("bias", code, [n], n * np_dtype.itemsize))
+            for name, kind, shape, size in tensors:
                 entries[prefix + name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + size]}
                 offset += size
     return safetensors_header(entries)
@@ -133,18 +149,20 @@ def export_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "fl
         out = AtomicFile(dst)
         try:
             out.file.write(header)
-            written, last = len(header), None
-            for layer, _, keys, values, positions in iter_heads(reader):
-                if on_layer is not None and last is not None and layer != last:
-                    on_layer(last)
-                last = layer
-                for array in (keys.astype(np_dtype), values.astype(np_dtype), positions.astype("<i4")):
-                    out.file.write(np.ascontiguousarray(array).data)
-                    written += array.nbytes
+            written = len(header)
+            for layer, heads in iter_layer_heads(reader):
+                biases = head_biases(reader, layer)
+                for head, (keys, values, positions) in enumerate(heads):
+                    arrays = [keys.astype(np_dtype), values.astype(np_dtype), positions.astype("<i4")]
+                    if biases is not None:
+                        arrays.append(biases[head].astype(np_dtype))
+                    for array in arrays:
+                        out.file.write(np.ascontiguousarray(array).data)
+                        written += array.nbytes
+                if on_layer is not None:
+                    on_layer(layer)
             out.commit()
         except BaseException:
             out.discard()
             raise
-        if on_layer is not None and last is not None:
-            on_layer(last)
         return written

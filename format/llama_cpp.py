@@ -194,6 +194,9 @@ def export_llama_cpp(src: str | os.PathLike, dst: str | os.PathLike, gguf: str |
                     out.file.write(_cells(cells) + struct.pack("<II", int(v_trans), g.layers))
                 if any(not np.array_equal(positions, cells) for _, _, positions in heads):
                     raise _per_head_pruned()
+                if layer in reader.bias_layers:
+                    raise ExportError("this file stores a logit bias per kept entry, which llama.cpp's attention has "
+                                      "no place to add: compress with --no-logit-bias to export it")
                 keys = np.concatenate([k[:, order] for k, _, _ in heads], axis=1)
                 out.file.write(struct.pack("<iQ", CACHE_TYPES[cache_type], row_bytes))
                 out.file.write(_encode(keys, cache_type, g.head_dim))

@@ -41,6 +41,9 @@ def _check_dense(reader: KvcReader) -> None:
     if any(kept != g.kv_heads * g.tokens for kept in reader.kept_per_layer()):
         raise ExportError("this .kvc is pruned and MLX-LM's cache has no gaps: export a file compressed with "
                           "--ratio 1 (or compress with --allocation position and export to llama.cpp)")
+    if reader.bias_layers:
+        raise ExportError("this .kvc stores a logit bias per kept entry, which MLX-LM's attention has no place to "
+                          "add: export a file compressed with --ratio 1")
 
 
 def _metadata(layers: int, user: dict[str, str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ import numpy as np
 from . import codecs, quantized, rans
 from .constants import (
     ALIGNMENT,
+    BIAS_SECTION,
     DTYPES,
     END_MAGIC,
     EXPANSION_ALLOWANCE,
@@ -354,7 +355,10 @@ class KvcReader:
         kind = LAYER_SECTION[g.layout]
         by_layer: dict[int, SectionInfo] = {}
         kept: dict[int, int] = {}
+        biases = [s for s in self.sections if s.type == BIAS_SECTION]
         for s in self.sections:
+            if s.type == BIAS_SECTION:
+                continue
             if s.type != kind:
                 raise LayoutError(f"a {g.layout} cache holds a {s.type!r} section (only {kind!r} is allowed)")
             layer = _count(s.attrs, "layer", f"{kind} section", 0, g.layers - 1)
@@ -386,7 +390,46 @@ class KvcReader:
             if total != sum(kept.values()):
                 raise MetadataError(f"header.cache.kept = {total} but the layer sections keep {sum(kept.values())}")
         self._kept = [kept[i] for i in range(g.layers)]
+        self._biases = self._map_biases(biases)
         return [by_layer[i] for i in range(g.layers)]
+
+    def _map_biases(self, sections: list[SectionInfo]) -> dict[int, SectionInfo]:
+        """Check the logit-bias sections from the index: at most one per layer of a pruned or quantized cache, one
+        float16 value per kept entry."""
+        if sections and self.geometry.layout == "dense":
+            raise LayoutError(f"a dense cache holds a {BIAS_SECTION!r} section (only pruned and quantized ones may)")
+        by_layer = {}
+        for s in sections:
+            layer = _count(s.attrs, "layer", f"{BIAS_SECTION} section", 0, self.geometry.layers - 1)
+            if layer in by_layer:
+                raise LayoutError(f"layer {layer} has two {BIAS_SECTION} sections")
+            if tuple(st.name for st in s.streams) != ("bias",):
+                raise MetadataError(f"layer {layer} bias holds streams {[st.name for st in s.streams]}, expected "
+                                    "['bias']")
+            stream = s.streams[0]
+            if stream.dtype != "float16" or stream.shape != (self._kept[layer],):
+                raise MetadataError(f"layer {layer} bias is {stream.dtype} of shape {list(stream.shape)}, expected "
+                                    f"float16 of shape [{self._kept[layer]}]")
+            if stream.codec == "rans":
+                raise CodecError(f"layer {layer} bias: only symbol streams may use the rans codec")
+            by_layer[layer] = s
+        return by_layer
+
+    @property
+    def bias_layers(self) -> tuple[int, ...]:
+        """The layers that store a logit bias for their kept entries (`read_bias`), from the index."""
+        return tuple(sorted(self._biases))
+
+    def read_bias(self, layer: int) -> np.ndarray | None:
+        """The logit bias of each kept entry of `layer`, (kept,) float32 in the keys' row order, to add to the
+        entry's attention logit; None when the layer stores none (a bias of zero)."""
+        section = self._biases.get(layer)
+        if section is None:
+            return None
+        bias = self._read_arrays(section)[0]["bias"].astype(np.float32)
+        if not np.isfinite(bias).all():
+            raise MetadataError(f"layer {layer} bias holds a value that is not finite")
+        return bias
 
     def _expected_streams(self, s: SectionInfo, layer: int, n: int) -> dict[str, tuple[tuple[str, ...], tuple]]:
         """stream name → (allowed dtypes, shape) for one layer section, from the index alone."""
@@ -538,10 +581,11 @@ class KvcReader:
                 raise LayoutError(f"padding bytes {start}..{end} are not zero")
 
     def verify(self) -> None:
-        """Check padding, every section's checksum, that every stream decodes to its declared size, and positions."""
+        """Check padding, every section's checksum, that every stream decodes to its declared size, positions, and
+        that every logit bias is finite."""
         self.check_padding()
-        for _ in self.iter_layers():
-            pass
+        for layer, _ in self.iter_layers():
+            self.read_bias(layer)
 
     def layer_batches(self) -> list[list[int]]:
         """Layers to pass to `read_layers` together: a quantized file's rANS streams decode far faster many layers at

@@ -12,6 +12,7 @@ A sliding-window layer (Mistral, Gemma) lets a token at position p see only posi
 context of n tokens a later token never sees positions ≤ n − window: both kinds of layer drop those at load.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -77,15 +78,20 @@ class PrunedLayer(CacheLayerMixin):
     contiguous block and appending writes all heads with one copy.
 
     A sliding-window layer (`window`) also needs the kept entries' positions, per head (kept_h,) int: it drops the
-    entries no later token can see and masks the others as the appended tokens move the window on."""
+    entries no later token can see and masks the others as the appended tokens move the window on.
+
+    `bias`, per head (kept_h,): a logit added to each kept entry's attention score (kvzip_cli.refit), or None."""
 
     ROOM = 64  # appended tokens each head has room for at first
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], context_length: int,
-                 window: int | None = None, positions: list[torch.Tensor] | None = None):
+                 window: int | None = None, positions: list[torch.Tensor] | None = None,
+                 bias: list[torch.Tensor] | None = None):
         super().__init__()
         if len(keys) != len(values) or not keys:
             raise ValueError("a pruned layer needs keys and values for at least one head")
+        if bias is not None and [len(b) for b in bias] != [k.shape[1] for k in keys]:
+            raise ValueError("a pruned layer's bias needs one value per kept entry of every head")
         self.window, self.context_positions = window, None
         if window is not None:
             if positions is None or len(positions) != len(keys):
@@ -95,6 +101,9 @@ class PrunedLayer(CacheLayerMixin):
             keys = [k[:, s] for k, s in zip(keys, seen, strict=True)]
             values = [v[:, s] for v, s in zip(values, seen, strict=True)]
             self.context_positions = [p[s] for p, s in zip(positions, seen, strict=True)]
+            if bias is not None:
+                bias = [b.to(s.device)[s] for b, s in zip(bias, seen, strict=True)]
+        self.bias = None if bias is None else [b.to(device=keys[0].device, dtype=keys[0].dtype) for b in bias]
         self.context_length = context_length
         self.kept = [k.shape[1] for k in keys]
         first = keys[0]
@@ -183,12 +192,17 @@ class PrunedLayer(CacheLayerMixin):
                 if self.window is not None:  # the entry at p is out of the window of the query at context + row
                     context = self.context_positions[h][None, :] > rows + self.context_length - self.window
                 mask = torch.cat([context, seen_new], dim=1).repeat(group, 1)
+            if self.bias is not None:  # a float mask: added to the logits (after the softcap), −inf where masked
+                added = torch.cat([self.bias[h].expand(q_len, n), query.new_zeros(q_len, new)], dim=1)
+                mask = added.repeat(group, 1) if mask is None else added.repeat(group, 1).masked_fill(~mask, -math.inf)
             if softcap is None:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
             else:
                 logits = torch.tanh((q @ k.transpose(-1, -2)) * scaling / softcap) * softcap
-                if mask is not None:
+                if mask is not None and mask.dtype == torch.bool:
                     logits = logits.masked_fill(~mask, float("-inf"))
+                elif mask is not None:
+                    logits = logits + mask
                 out = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype) @ v
             outputs.append(out.reshape(batch, group, q_len, dim))
         return torch.cat(outputs, dim=1).transpose(1, 2).contiguous()
@@ -219,7 +233,8 @@ class PrunedLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of the kept entries and the appended tokens (the buffer's free room not counted)."""
-        tensors = [*self.context_keys, *self.context_values, *(self.context_positions or []), self.keys, self.values]
+        tensors = [*self.context_keys, *self.context_values, *(self.context_positions or []), *(self.bias or []),
+                   self.keys, self.values]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -29,7 +29,7 @@ from .paths import check_output
 from .prefill import prefill
 from .progress import TaskFactory, silent_task
 from .pruning import Pruning
-from .refit import refit_values
+from .refit import Refit, refit_values
 from .rope import inverse_frequencies, rope_tables, unrecordable_rope, unrotate
 from .scorers import DEFAULT_SCORER, check_scorer
 from .sizes import raw_fp16_bytes
@@ -175,7 +175,7 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         settings.update(preset)
     if pruning is not None:
         settings.update(ratio=pruning.ratio, kept_ratio=pruning.kept_ratio, scorer=pruning.scorer,
-                        allocation=pruning.allocation, refit="values" if pruning.queries is not None else None)
+                        allocation=pruning.allocation, refit=_refit_setting(pruning))
     if pruning is not None or quant:
         geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else layers * heads * pre.tokens
     if quant:
@@ -200,6 +200,12 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
     if calibration is not None:
         header["calibration"] = calibration
     return header
+
+
+def _refit_setting(pruning: Pruning) -> str | None:
+    if pruning.queries is None:
+        return None
+    return "values+bias" if pruning.logit_bias else "values"
 
 
 def _kept_positions(keep: torch.Tensor) -> list[torch.Tensor]:
@@ -279,24 +285,30 @@ def _quantized_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tenso
 
 
 def _refitter(pre: Prefilled, pruning: Pruning | None):
-    """refit(layer, keys, values) → the layer's values with the kept rows refit (kvzip_cli.refit), or None when nothing
-    is refit: no pruning, or a pruning without reference queries. The fit reads the computed keys, also for a
-    quantized file: fitting to the keys as quantized was measured and gained nothing (README, "Refit")."""
+    """refit(layer, keys, values) → the layer's `Refit` (kvzip_cli.refit: values with the kept rows refit, and the
+    kept keys' logit bias when `pruning.logit_bias`), or None for a layer left as it is; the refitter itself is None
+    when nothing is refit: no pruning, or a pruning without reference queries. The fit reads the computed keys, also
+    for a quantized file: fitting to the keys as quantized was measured and gained nothing (README, "Refit")."""
     if pruning is None or pruning.queries is None:
         return None
     config = pre.lm.model.config.get_text_config()
     softcap = getattr(config, "attn_logit_softcapping", None)
     windows = layer_windows(pre.lm.model.config)
 
-    def refit(i: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def refit(i: int, keys: torch.Tensor, values: torch.Tensor) -> Refit | None:
         queries = pruning.queries.layer(i)
         if queries is None or (windows[i] is not None and windows[i] < pre.tokens):
-            return values
-        fitted = refit_values(keys, values, pruning.keep[i].to(keys.device), queries, pruning.queries.scaling[i],
-                              softcap)
-        return fitted.to(values.dtype)
+            return None
+        return refit_values(keys, values, pruning.keep[i].to(keys.device), queries, pruning.queries.scaling[i],
+                            softcap, logit_bias=pruning.logit_bias)
 
     return refit
+
+
+def _bias_stream(bias: list[torch.Tensor]) -> list[Stream]:
+    """Per head (kept_h,) → the kv_layer_bias stream: float16, the kept rows in head order, as the keys."""
+    data = torch.cat(bias).to(torch.float16).cpu().numpy()
+    return [Stream("bias", "float16", data.shape, memoryview(data).cast("B"), codec="zstd")]
 
 
 def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd", bits: int = 16,
@@ -326,8 +338,9 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys[0], layer.values[0]
             unit = units[i] if units is not None else None
-            if refit is not None:
-                values = refit(i, keys, values)
+            fitted = refit(i, keys, values) if refit is not None else None
+            if fitted is not None:
+                values = fitted.values.to(values.dtype)
             if quantizer is not None:
                 keep = pruning.keep[i] if pruning is not None else torch.ones(keys.shape[:2], dtype=torch.bool)
                 encoded = _quantized_layer(keys, values, keep, quantizer, tables, unit)
@@ -341,6 +354,8 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
                 kept = int(pruning.keep[i].sum())
                 streams = _pruned_streams(keys, values, pruning.keep[i], bits)
                 writer.add_section("kv_layer_pruned", {"layer": i, "kept": kept}, streams, codec=codec)
+            if fitted is not None and fitted.bias is not None:
+                writer.add_section("kv_layer_bias", {"layer": i}, _bias_stream(fitted.bias), codec="zstd")
             advance(1)
     file_bytes = output.stat().st_size
     raw = raw_fp16_bytes(len(cache.layers), identity["num_kv_heads"], identity["head_dim"], pre.tokens)

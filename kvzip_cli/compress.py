@@ -59,6 +59,7 @@ def compress_text(
     target: Target | None = None,
     budget: float | None = None,
     refit: bool = True,
+    logit_bias: bool | None = None,
 ) -> CompressResult:
     """Prefill `text` as a reusable prompt prefix and store its KV cache in `output`.
 
@@ -67,13 +68,16 @@ def compress_text(
     "head" or "position"; default: the scorer's own) spreads the kept `ratio` of entries over layers and heads
     ("position": the same positions in all of them). `bits` 8, 4, 3 or 2 quantize (keys per channel, values per
     token), `codec` "ans" entropy-codes the quantized symbols. With `refit`, a pruned cache's kept values are refit so
-    that attention over them gives what the full context gives to KVzip's reconstruction queries (kvzip_cli.refit).
+    that attention over them gives what the full context gives to KVzip's reconstruction queries (kvzip_cli.refit);
+    with `logit_bias` (default: on, except with the "position" allocation, whose files are for llama.cpp) the kept
+    keys also get a fitted logit bias, stored in the file and added by kvc's attention.
 
     With a `target` (kvzip_cli.calibrate.Target), the ratio and bits are searched for instead: the smallest file
     whose self-check meets the target, within `budget` prefills of search time; `preset`, `ratio`, `bits`,
     `codec` and `quant.key_bits` must then be left unset, and the values are not refit (the self-check's
     reconstruction probes are close to the refit's own queries, so it would overrate refit candidates).
     """
+    _check_bias(refit, logit_bias, target)
     if target is not None:
         return _calibrated(text, output, target, budget, model=model, scorer=scorer, allocation=allocation,
                            preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
@@ -89,6 +93,8 @@ def compress_text(
         if ratio < 1:
             check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
             pruning = score_context(lm, pre.cache, pre.layout, scorer, task, refit).keep(ratio, allocation)
+            if logit_bias is not None:
+                pruning = replace(pruning, logit_bias=logit_bias)
         result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task,
                            preset=record)
     return replace(result, seconds=time.perf_counter() - started)
@@ -97,16 +103,25 @@ def compress_text(
 def check_options(*, preset: str | None = None, codec: str | None = None, ratio: float | None = None,
                   scorer: str | None = None, allocation: str | None = None, bits: int | None = None,
                   quant: QuantOptions = QuantOptions(), chunk_size: int = DEFAULT_CHUNK, target: Target | None = None,
-                  budget: float | None = None, **_) -> dict:
+                  budget: float | None = None, refit: bool = True, logit_bias: bool | None = None, **_) -> dict:
     """Refuse (UsageError) the options `compress_text` would refuse, before any document or model (kvc compress on
     a corpus checks them once, not once per document). Returns settings a file made with them records (header
     `settings`): those the options fix, whatever the document."""
+    _check_bias(refit, logit_bias, target)
     if target is not None:
         _calibrated_settings(target, budget, preset, ratio, bits, codec, scorer, allocation, quant, chunk_size)
         return {"chunk_size": chunk_size}
     ratio, _, bits, codec, _, record = _settings(preset, codec, ratio, scorer, allocation, bits, quant, chunk_size,
                                                  budget)
     return {"ratio": ratio, "bits": bits, "codec": codec, "chunk_size": chunk_size, **record}
+
+
+def _check_bias(refit: bool, logit_bias: bool | None, target: Target | None) -> None:
+    if logit_bias and not refit:
+        raise UsageError("--logit-bias is fit with the refit: drop --no-refit")
+    if logit_bias is not None and target is not None:
+        raise UsageError("--logit-bias / --no-logit-bias: a calibrated file (--target-top1 / --target-kld) is not "
+                         "refit")
 
 
 def _settings(preset, codec, ratio, scorer, allocation, bits, quant: QuantOptions, chunk_size: int, budget):

@@ -103,7 +103,8 @@ def load(
         windows = layer_windows(model.config)
         full = geometry.kv_heads * geometry.tokens
         # A quantized file of the whole cache loads as an ordinary dense cache.
-        keeps_all = geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
+        keeps_all = (geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
+                     and not reader.bias_layers)
         rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
         rope = _rope(model, geometry.tokens) if rope_removed else None
         if geometry.layout != "quantized":
@@ -120,9 +121,12 @@ def load(
                 counts = [len(p) for p in positions]
                 # a sliding-window layer masks by position
                 kept_positions = [torch.from_numpy(p.astype(np.int64)) for p in positions] if windows[layer] else None
+                bias = reader.read_bias(layer)
+                if bias is not None:
+                    bias = list(torch.from_numpy(bias).to(model.device).split(counts))
                 pruned.append(PrunedLayer(list(k.unsqueeze(0).split(counts, dim=1)),
                                           list(v.unsqueeze(0).split(counts, dim=1)), geometry.tokens,
-                                          windows[layer], kept_positions))
+                                          windows[layer], kept_positions, bias))
             advance(1)
         confirm()
         cache = PrunedCache(pruned) if pruned else dense

@@ -29,7 +29,8 @@ class Scored:
     def keep(self, ratio: float, allocation: str | None = None) -> "Pruning":
         allocation = allocation or self.allocation
         mask = allocate(self.scores, ratio, allocation, self.protected)
-        return Pruning(mask, self.scorer, allocation, ratio, self.seconds, self.queries)
+        # A position allocation is for llama.cpp, whose cache has no place for a logit bias: off unless asked.
+        return Pruning(mask, self.scorer, allocation, ratio, self.seconds, self.queries, allocation != "position")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Pruning:
     ratio: float  # requested
     score_seconds: float
     queries: ReferenceQueries | None = None  # set: the kept values are refit to these queries when written
+    logit_bias: bool = True  # with queries: the kept keys also get a fitted logit bias, stored in the file
 
     @property
     def kept_ratio(self) -> float:

@@ -13,14 +13,30 @@ The reference queries are KVzip's reconstruction queries (the model repeating th
 whole context as a question will), recorded per layer and query head, every `stride`-th position. The fit is per
 (layer, KV head) with the query heads of its GQA group stacked. Layers with a sliding window shorter than the
 context are left as they are: a later query sees only the window, not the whole context the fit assumes.
+
+The logit bias (`logit_bias=True`), the other half of Attention Matching: pruning also removes attention mass, so a
+query's weights renormalise over the kept keys and the context as a whole weighs less, against the question's own
+tokens, than the full context did. Each kept key j gets a bias β_j = log w_j added to its logit, with w ≥ 0 fit so that
+the kept keys carry each reference query's full-context mass: min ‖S w − 1‖² where S_ij = exp(ℓ_ij) / Σ_all exp(ℓ_i·)
+(query i's share on kept key j, over the full context), by Lee–Seung multiplicative updates with w held within
+[1/BIAS_RANGE, BIAS_RANGE]; β is rounded to a grid of BIAS_STEP, and the values are then refit with the biased
+weights. The file stores β per kept entry (section kv_layer_bias, SPEC.md) and kvc's attention adds it
+(kvzip_cli.cache.PrunedLayer).
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 
 MAX_QUERIES = 2048  # reference queries kept per layer and query head: bounds memory (and time) on long documents
 RIDGE = 0.001  # λ as a fraction of the mean diagonal of A_Sᵀ A_S; lowest kld of 0.1, 0.01, 0.001 at kept 0.3
+BIAS_ITERATIONS = 100  # multiplicative updates of the bias fit (examples/logit_bias_study.py)
+BIAS_RANGE = 100.0  # w within [1/BIAS_RANGE, BIAS_RANGE]: |β| ≤ ln 100 ≈ 4.6
+# β is rounded to this grid before the values are fit to it: exact in float16, and about 6 bits per stored value once
+# zstd-coded instead of 14 (0.05 instead of 0.12 bits per kept element on apache-2.0 at balanced), for logit errors
+# of at most 1/64.
+BIAS_STEP = 1 / 32
 
 
 class ReferenceQueries:
@@ -58,45 +74,73 @@ def _logits(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: fl
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
+class Refit(NamedTuple):
+    values: torch.Tensor  # (kv_heads, tokens, head_dim) float32: the kept rows refit, the others unchanged
+    bias: list[torch.Tensor] | None  # per KV head (kept_h,) float32, the kept keys' logit bias; None without one
+
+
 def refit_values(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, queries: torch.Tensor,
-                 scaling: float, softcap: float | None = None, ridge: float = RIDGE) -> torch.Tensor:
+                 scaling: float, softcap: float | None = None, ridge: float = RIDGE, logit_bias: bool = False) -> Refit:
     """keys/values (kv_heads, tokens, head_dim) post-RoPE, keep (kv_heads, tokens) bool, queries (heads, n, head_dim)
-    → values (kv_heads, tokens, head_dim) float32, the kept rows refit (module docstring), the others unchanged."""
+    → the refit values and, with `logit_bias`, the kept keys' bias (module docstring)."""
     kv_heads, _, dim = keys.shape
     group = queries.shape[0] // kv_heads
     keys, values = keys.float(), values.float()
     out = values.clone()
+    biases = []
     for h in range(kv_heads):
         kept = keep[h].nonzero().squeeze(-1)
-        if not len(kept):
-            continue
-        q = queries[h * group : (h + 1) * group].reshape(-1, dim).to(keys.device)
-        logits = _logits(q, keys[h], scaling, softcap)
-        target = torch.softmax(logits, dim=-1) @ values[h]
-        weights = torch.softmax(_logits(q, keys[h, kept], scaling, softcap), dim=-1)
-        gram = (weights.T @ weights).double()
-        lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
-        rhs = (weights.T @ target).double() + lam * values[h, kept].double()
-        gram.diagonal().add_(lam)
-        solved = torch.linalg.solve(gram, rhs).float()
-        if torch.isfinite(solved).all():
-            out[h, kept] = solved
-    return out
+        bias = torch.zeros(len(kept), device=keys.device)
+        if len(kept):
+            q = queries[h * group : (h + 1) * group].reshape(-1, dim).to(keys.device)
+            logits = _logits(q, keys[h], scaling, softcap)
+            full = torch.softmax(logits, dim=-1)
+            if logit_bias:
+                bias = torch.round(_fit_bias(full[:, kept].double()).float() / BIAS_STEP) * BIAS_STEP
+            weights = torch.softmax(logits[:, kept] + bias, dim=-1)
+            solved = _solve(weights, full @ values[h], values[h, kept], ridge)
+            if torch.isfinite(solved).all() and torch.isfinite(bias).all():
+                out[h, kept] = solved
+            else:
+                bias.zero_()
+        biases.append(bias)
+    return Refit(out, biases if logit_bias else None)
+
+
+def _fit_bias(share: torch.Tensor) -> torch.Tensor:
+    """share (n, kept): each query's full-context weight on each kept key → β (kept,) = log w, w ≥ 0 minimising
+    ‖share · w − 1‖² within [1/BIAS_RANGE, BIAS_RANGE] (Lee–Seung multiplicative updates from w = 1)."""
+    gram, wanted = share.T @ share, share.sum(0)
+    w = torch.ones_like(wanted)
+    for _ in range(BIAS_ITERATIONS):
+        w = (w * wanted / (gram @ w).clamp_min(1e-30)).clamp(1 / BIAS_RANGE, BIAS_RANGE)
+    return w.log()
+
+
+def _solve(weights: torch.Tensor, target: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin ‖weights · V − target‖² + λ‖V − old‖², λ = ridge × the mean diagonal of weightsᵀ weights."""
+    gram = (weights.T @ weights).double()
+    lam = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    rhs = (weights.T @ target).double() + lam * old.double()
+    gram.diagonal().add_(lam)
+    return torch.linalg.solve(gram, rhs).float()
 
 
 def output_error(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, queries: torch.Tensor,
-                 scaling: float, refit: torch.Tensor | None = None, softcap: float | None = None) -> float:
-    """Σ ‖A_S V' − O‖² over the KV heads: what `refit_values` minimises (without its ridge term), for `refit` values
-    V' (default: the original ones)."""
+                 scaling: float, refit: Refit | None = None, softcap: float | None = None) -> float:
+    """Σ ‖A_S V' − O‖² over the KV heads: what `refit_values` minimises (without its ridge term), for a `refit`'s values
+    V' and bias (default: the original values, no bias)."""
     kv_heads, _, dim = keys.shape
     group = queries.shape[0] // kv_heads
-    stored = values if refit is None else refit
+    stored = values if refit is None else refit.values
     total = 0.0
     for h in range(kv_heads):
         q = queries[h * group : (h + 1) * group].reshape(-1, dim)
         logits = _logits(q, keys[h].float(), scaling, softcap)
         target = torch.softmax(logits, dim=-1) @ values[h].float()
         read = _logits(q, keys[h, keep[h]].float(), scaling, softcap)
+        if refit is not None and refit.bias is not None:
+            read = read + refit.bias[h]
         pruned = torch.softmax(read, dim=-1) @ stored[h, keep[h]].float()
         total += float((pruned - target).double().pow(2).sum())
     return total

@@ -378,6 +378,46 @@ def rans_bad_tables() -> bytes:
 
 # --- 13. file changed while mapped: see test_attacks (rewritten and truncated under an open reader) -------------
 
+# --- logit-bias sections (format 1.5) -------------------------------------------------------------------------
+# pruned-bias.kvc holds [layer 0, bias 0, layer 1, bias 1]: section 1 is layer 0's bias.
+
+def bias_not_finite() -> bytes:
+    """A float16 NaN bias: softmax over it would turn the head's whole output into NaN."""
+    def edit(header, sections):
+        replace_payload(sections, 1, "bias", b"\x00\x7e" * stream(sections, 1, "bias")["shape"][0])
+    return edited("pruned-bias.kvc", edit)
+
+
+def bias_shorter_than_kept() -> bytes:
+    def edit(header, sections):
+        n = stream(sections, 1, "bias")["shape"][0] - 1
+        replace_payload(sections, 1, "bias", b"\x00\x00" * n)
+        stream(sections, 1, "bias").update(shape=[n], decoded_length=2 * n)
+    return edited("pruned-bias.kvc", edit)
+
+
+def bias_as_float32() -> bytes:
+    def edit(header, sections):
+        bias = stream(sections, 1, "bias")
+        replace_payload(sections, 1, "bias", b"\x00" * 2 * bias["decoded_length"])
+        bias.update(dtype="float32", decoded_length=2 * bias["decoded_length"])
+    return edited("pruned-bias.kvc", edit)
+
+
+def bias_twice_for_one_layer() -> bytes:
+    return edited("pruned-bias.kvc", lambda h, s: s[3][0].update(layer=0))
+
+
+def bias_in_a_dense_file() -> bytes:
+    def edit(header, sections):
+        payload = np.zeros(10, "<f2").tobytes()
+        entry = {"type": "kv_layer_bias", "required": True, "layer": 0, "streams": [
+            {"name": "bias", "codec": "raw", "params": {}, "dtype": "float16", "shape": [10], "offset": 0,
+             "length": len(payload), "decoded_length": len(payload)}]}
+        sections.append((entry, payload))
+    return edited("dense-raw.kvc", edit)
+
+
 ATTACKS = [
     Attack(1, "header length over the cap", header_length_over_cap, "LimitError"),
     Attack(1, "header length past the end of the file", header_length_past_end, "TruncatedError"),
@@ -422,4 +462,9 @@ ATTACKS = [
     Attack(12, "zstd frame without a content size", zstd_without_content_size, "CodecError", "verify"),
     Attack(12, "rANS lanes without their state bytes", rans_too_few_state_bytes, "MetadataError", "verify"),
     Attack(12, "rANS tables not summing to 4096", rans_bad_tables, "CodecError", "verify"),
+    Attack(2, "a logit bias of NaN", bias_not_finite, "MetadataError", "verify"),
+    Attack(4, "a bias one entry short of the layer's kept", bias_shorter_than_kept, "MetadataError"),
+    Attack(5, "bias declared float32", bias_as_float32, "MetadataError"),
+    Attack(9, "one layer's bias stored twice", bias_twice_for_one_layer, "LayoutError"),
+    Attack(9, "a bias section in a dense file", bias_in_a_dense_file, "LayoutError"),
 ]

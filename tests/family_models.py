@@ -86,10 +86,12 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def masked_logits(model, ids: list[int], context: int, keep: torch.Tensor) -> torch.Tensor:
+def masked_logits(model, ids: list[int], context: int, keep: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Reference for a pruned cache: logits of the tokens after the context in a full forward with eager attention
     and, per layer, a per-head 4D mask that hides from those tokens the context entries `keep` (layers, kv_heads,
-    tokens) drops, on top of the causal mask and the layer's sliding window."""
+    tokens) drops, on top of the causal mask and the layer's sliding window; `bias` (same shape) is added to those
+    tokens' logits of the context entries."""
     n = len(ids)
     position = torch.arange(n)
     heads = model.config.num_attention_heads
@@ -101,7 +103,10 @@ def masked_logits(model, ids: list[int], context: int, keep: torch.Tensor) -> to
         allowed = allowed.expand(heads, n, n).clone()
         per_query_head = keep[module.layer_idx].repeat_interleave(heads // keep.shape[1], dim=0)
         allowed[:, context:, :context] &= per_query_head[:, None, :]
-        mask = torch.where(allowed, 0.0, float("-inf"))[None]
+        mask = torch.where(allowed, 0.0, float("-inf"))
+        if bias is not None:
+            mask[:, context:, :context] += bias[module.layer_idx].repeat_interleave(heads // keep.shape[1], 0)[:, None]
+        mask = mask[None]
 
         def hook(module, args, kwargs, mask=mask):
             kwargs["attention_mask"] = mask

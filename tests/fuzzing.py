@@ -838,9 +838,9 @@ def _corrupt(packed: bytes, rng: random.Random, notes: list[str], what: str) -> 
 
 def check_file(path: str) -> None:
     """What every input goes through: open, verify, and decode every layer batch into per-head arrays as the
-    export does (RoPE re-applied where the keys were stored without it)."""
+    export does (RoPE re-applied where the keys were stored without it, any logit bias split per head)."""
     from kvc_format import KvcReader
-    from kvc_format.export import iter_heads
+    from kvc_format.export import head_biases, iter_heads
 
     with KvcReader(path) as reader:
         reader.verify()
@@ -848,6 +848,7 @@ def check_file(path: str) -> None:
             pass
         for layer in range(reader.geometry.layers):
             reader.head_counts(layer)
+            head_biases(reader, layer)
         reader.section_sizes()
         reader.kept_per_layer()
 

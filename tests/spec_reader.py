@@ -4,10 +4,11 @@ Its purpose is to prove the spec complete: tests/test_spec_reader.py checks that
 like the reference reader. It follows the spec's decoding rules and checks the CRCs, the framing and the decoding
 invariants, but it is not a hardened reader: it does not attempt every check §4–§9 require.
 
-    read_file(path) -> SpecFile(version, header, layers), each layer a SpecLayer(keys, values, positions)
+    read_file(path) -> SpecFile(version, header, layers), each layer a SpecLayer(keys, values, positions, bias)
 
 keys/values are float32: [kv_heads, tokens, head_dim] for dense; [kept, head_dim] in kept order for pruned (stored
 floats widened) and quantized (dequantized per §4.3). positions is None for dense, else one int64 array per head.
+bias is the layer's logit bias per kept row (§4.8), float32, or None.
 """
 
 import struct
@@ -26,6 +27,7 @@ SECTION_TYPES = {"dense": "kv_layer", "pruned": "kv_layer_pruned", "quantized": 
 STREAMS = {
     "kv_layer": ["keys", "values"],
     "kv_layer_pruned": ["counts", "positions", "keys", "values"],
+    "kv_layer_bias": ["bias"],
     "kv_layer_quantized": ["counts", "positions", "exact_keys", "exact_values", "key_zero", "key_step", "key_symbols",
                            "key_tables", "value_zero", "value_step", "value_symbols", "value_tables"],
 }
@@ -41,6 +43,7 @@ class SpecLayer:
     keys: np.ndarray
     values: np.ndarray
     positions: list[np.ndarray] | None
+    bias: np.ndarray | None = None
 
 
 @dataclass
@@ -244,6 +247,7 @@ def read_file(path) -> SpecFile:
     layout = cache["layout"]
     _check(layout in SECTION_TYPES, f"unknown layout {layout!r}")
     layers: list[SpecLayer | None] = [None] * cache["layers"]
+    biases: dict[int, np.ndarray] = {}
     block_end = 24 + header_length
     for entry in sections:
         start = entry["offset"]
@@ -255,19 +259,36 @@ def read_file(path) -> SpecFile:
         if kind not in STREAMS:
             _check(not entry["required"], f"unknown required section {kind!r} (file {major}.{minor}, reader 1.2)")
             continue
-        _check(kind == SECTION_TYPES[layout], f"section {kind} in a {layout} file")
         offset = 0
         for s in entry["streams"]:
             _check(s["offset"] == offset, "streams do not tile their section")
             offset += s["length"]
         _check(offset == entry["length"], "streams do not cover their section")
+        if kind == "kv_layer_bias":
+            _check(layout != "dense" and entry["layer"] not in biases, "bias section in a dense file, or twice")
+            biases[entry["layer"]] = read_bias(section, entry)
+            continue
+        _check(kind == SECTION_TYPES[layout], f"section {kind} in a {layout} file")
         _check(layers[entry["layer"]] is None, "duplicate layer")
         layers[entry["layer"]] = read_layer(kind, section, entry, cache)
     _check(index_offset == -(-block_end // 64) * 64 and not any(data[block_end:index_offset]), "index not at next 64")
     _check(all(layer is not None for layer in layers), "missing layer section")
+    for i, bias in biases.items():
+        _check(len(bias) == len(layers[i].keys), "bias length != the layer's kept")
+        layers[i].bias = bias
     if layout != "dense":
         _check(sum(len(layer.keys) for layer in layers) == cache["kept"], "cache.kept != sum of sections' kept")
     return SpecFile((major, minor), header, sections, layers)
+
+
+def read_bias(section: bytes, entry: dict) -> np.ndarray:
+    """§4.8: one float16 stream `bias`, raw or zstd, every value finite."""
+    streams = entry["streams"]
+    _check([s["name"] for s in streams] == ["bias"] and streams[0]["dtype"] == "float16", "bad bias stream")
+    _check(streams[0]["codec"] in ("raw", "zstd"), "bias codec")
+    bias = np.frombuffer(decode_stream(section, streams[0]), "<f2").astype(np.float32)
+    _check(bias.shape == tuple(streams[0]["shape"]) and bool(np.all(np.isfinite(bias))), "bad bias")
+    return bias
 
 
 def keys_with_rope(layer: SpecLayer, cache: dict) -> np.ndarray:

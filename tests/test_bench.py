@@ -11,7 +11,7 @@ from kvzip_cli.bench import runner as bench_runner
 from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
 from kvzip_cli.bench.metrics import FidelityTotals, agreement, needle_found
 from kvzip_cli.bench.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
-from kvzip_cli.bench.sweep import build_sweep
+from kvzip_cli.bench.sweep import REFITS, build_sweep
 from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.cli import app
 from kvzip_cli.errors import KvcError
@@ -179,20 +179,22 @@ def test_bench_quantized_rows_and_presets(tiny_folder, short_doc):
 
 
 def test_bench_pruned_rows(tiny_folder, short_doc):
+    # Not refit: on this random-weight model the refit with its logit bias gives back the full cache's outputs almost
+    # exactly (kld about 1e-8), which would hide what the scorers change.
     result = bench(short_doc, "--model", tiny_folder, "--scorers", "kvzip,random", "--allocations", "global,head",
-                   "--ratios", "0.5,0.25", "--new-tokens", "4", "--json")
+                   "--ratios", "0.5,0.25", "--new-tokens", "4", "--refit", "off", "--json")
     assert result.exit_code == 0, result.output
     rows = {row["setting"]: row for row in json.loads(result.stdout)["rows"]}
     for scorer in ("kvzip", "random"):
         for allocation in ("global", "head"):
             for ratio in (0.5, 0.25):
-                row = rows[f"kvc {scorer} {allocation} {ratio:g}"]
+                row = rows[f"kvc {scorer} {allocation} no-refit {ratio:g}"]
                 assert row["error"] is None and row["kind"] == "kvc"
                 assert row["kept_ratio"] == pytest.approx(ratio, abs=1e-3)
                 assert row["memory_ratio"] == pytest.approx(ratio, abs=0.01)  # a loaded pruned cache holds only kept
                 assert row["kld"] > 0 and row["score_seconds"] >= 0
                 assert row["compression"] > 1 / ratio  # fewer entries, and zstd on top
-    assert rows["kvc kvzip global 0.5"]["kld"] != rows["kvc random global 0.5"]["kld"]
+    assert rows["kvc kvzip global no-refit 0.5"]["kld"] != rows["kvc random global no-refit 0.5"]["kld"]
 
 
 def test_bench_table_output(tiny_folder, short_doc):
@@ -424,18 +426,21 @@ def test_answers_end_where_the_reference_ends():
     assert answer_habits([[5, 6, 0], [8, 9, 8, 9]], stop) == {"ends_full": 0.5, "repetition_full": 0.0}
 
 
-def test_sweep_measures_refit_both_ways_side_by_side():
-    sweep = build_sweep(ratios=(0.3,), presets=("balanced",), refits=(True, False))
+def test_sweep_measures_every_refit_side_by_side():
+    sweep = build_sweep(ratios=(0.3,), presets=("balanced",), refits=REFITS["all"])
     pruned = {s.label: s.refit for s in sweep if s.kind == "kvc" and s.ratio < 1}
-    assert pruned == {"kvc kvzip 0.3": True, "kvc kvzip no-refit 0.3": False, "preset balanced": True,
-                      "preset balanced no-refit": False}
-    assert all(s.refit for s in build_sweep(ratios=(0.3,)) if s.kind == "kvc")
+    assert pruned == {"kvc kvzip 0.3": "bias", "kvc kvzip values-refit 0.3": "values", "kvc kvzip no-refit 0.3": "off",
+                      "preset balanced": "bias", "preset balanced values-refit": "values",
+                      "preset balanced no-refit": "off"}
+    assert all(s.refit == "bias" for s in build_sweep(ratios=(0.3,)) if s.kind == "kvc")
 
 
 def test_scorers_refit_only_where_a_setting_refits():
-    both = build_sweep(ratios=(0.3,), scorers=("kvzip", "compactor"), refits=(True, False))
+    both = build_sweep(ratios=(0.3,), scorers=("kvzip", "compactor"), refits=REFITS["both"])
     assert bench_runner.refitting_scorers(both) == {"kvzip", "compactor"}
-    assert bench_runner.refitting_scorers(build_sweep(ratios=(0.3,), scorers=("compactor",), refits=(False,))) == set()
+    values = build_sweep(ratios=(0.3,), scorers=("compactor",), refits=REFITS["values"])
+    assert bench_runner.refitting_scorers(values) == {"compactor"}
+    assert bench_runner.refitting_scorers(build_sweep(ratios=(0.3,), scorers=("compactor",), refits=("off",))) == set()
 
 
 def test_bench_without_refit_records_no_reference_queries(monkeypatch, tiny_folder, short_doc):

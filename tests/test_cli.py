@@ -290,10 +290,22 @@ def test_closed_stdout_stops_quietly(kvc_file):
     assert stderr == ""
 
 
-@pytest.mark.parametrize("flag,recorded", [("--refit", "values"), ("--no-refit", None)])
-def test_compress_refit_flag(tmp_path, tiny_folder, short_doc, flag, recorded):
+@pytest.mark.parametrize("flags,recorded", [(["--refit"], "values+bias"), (["--no-logit-bias"], "values"),
+                                            (["--no-refit"], None),
+                                            (["--allocation", "position"], "values"),
+                                            (["--allocation", "position", "--logit-bias"], "values+bias")])
+def test_compress_refit_flags(tmp_path, tiny_folder, short_doc, flags, recorded):
     out = tmp_path / "r.kvc"
-    made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--ratio", "0.4", flag, "--json")
+    made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--ratio", "0.4", *flags, "--json")
     assert made.exit_code == 0, made.output
     info = json.loads(run("inspect", out, "--json").stdout)
     assert info["settings"]["refit"] == recorded
+    assert ("bias" in info["streams"]) == (recorded == "values+bias")
+
+
+@pytest.mark.parametrize("flags,message", [(["--no-refit", "--logit-bias"], "drop --no-refit"),
+                                           (["--target-top1", "0.9", "--no-logit-bias"], "is not refit")])
+def test_logit_bias_needs_the_refit(tmp_path, tiny_folder, short_doc, flags, message):
+    result = run("compress", short_doc, "-o", tmp_path / "r.kvc", "--model", tiny_folder, *flags)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -39,8 +39,12 @@ def test_export_holds_every_head_as_the_reader_decodes_it(tmp_path, name):
         np.testing.assert_array_equal(array, in_memory[key])
     with KvcReader(GOLDEN / name) as reader:
         g = reader.geometry
-        assert len(tensors) == 3 * g.layers * g.kv_heads
+        assert len(tensors) == (3 * g.layers + len(reader.bias_layers)) * g.kv_heads
         for layer, stored in enumerate(reader.read_layers()):
+            bias = reader.read_bias(layer)
+            if bias is not None:  # one per row, heads in order
+                np.testing.assert_array_equal(np.concatenate([tensors[f"layers.{layer}.heads.{h}.bias"]
+                                                              for h in range(g.kv_heads)]), bias)
             for head in range(g.kv_heads):
                 positions = tensors[f"layers.{layer}.heads.{head}.positions"]
                 values = tensors[f"layers.{layer}.heads.{head}.values"]

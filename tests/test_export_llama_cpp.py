@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 
 import gguf as gguf_writer
 import numpy as np
@@ -185,6 +186,15 @@ def test_per_head_pruned_file_is_refused_naming_the_position_allocation(tmp_path
     with pytest.raises(ExportError, match="--allocation position"):
         export_llama_cpp(path, tmp_path / "x.state", model_gguf)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.kvc"]
+
+
+def test_a_file_with_a_logit_bias_is_refused(tmp_path, llama, model_gguf):
+    path = tmp_path / "b.kvc"
+    pruning = score_context(llama.lm, llama.cache, llama.layout, "knorm").keep(0.5, "position")
+    write_kvc(llama, path, codec="zstd", bits=16, pruning=replace(pruning, logit_bias=True))
+    with pytest.raises(ExportError, match="logit bias.*--no-logit-bias"):
+        export_llama_cpp(path, tmp_path / "x.state", model_gguf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.kvc"]
 
 
 def test_qwen2_file_is_refused(tmp_path, tiny_tokenizer, model_gguf):

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file as load_safetensors
 
 from kvc_format import ExportError, KvcFormatError, KvcReader, LayoutError, export_mlx, load_file
 from kvzip_cli.cache_file import prefill_document, write_kvc
+from kvzip_cli.pruning import score_context
 
 from attacks import ATTACKS, split
 from kvc_bytes import assemble, header_dict, raw_streams
@@ -108,6 +109,16 @@ def test_pruned_files_are_refused(tmp_path, name):
     with pytest.raises(ExportError, match="pruned and MLX-LM's cache has no gaps.*--ratio 1.*--allocation position"):
         export_mlx(GOLDEN / name, tmp_path / "c.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_with_a_logit_bias_is_refused(tmp_path, prefilled):
+    """Every entry kept but refit: the file stores a (near-zero) bias per entry, which MLX-LM cannot add."""
+    pruning = score_context(prefilled.lm, prefilled.cache, prefilled.layout, "kvzip").keep(1.0)
+    write_kvc(prefilled, tmp_path / "b.kvc", codec="ans", bits=4, pruning=pruning)
+    assert KvcReader(tmp_path / "b.kvc").bias_layers
+    with pytest.raises(ExportError, match="logit bias"):
+        export_mlx(tmp_path / "b.kvc", tmp_path / "c.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.kvc"]
 
 
 IDS = [f"{a.number:02d}-{a.name}" for a in ATTACKS]

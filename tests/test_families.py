@@ -83,14 +83,38 @@ def test_pruned_file_attends_exactly_to_the_kept_entries(tmp_path, family):
     pruning, path = _pruned(tmp_path, pre, codec="zstd", bits=32)
     kv = load(path, lm)
     assert isinstance(kv.cache, PrunedCache)
+    ids, logits = _question_then_greedy(lm, kv, pre.tokens, 3)
+    want = masked_logits(lm.model, ids, pre.tokens, pruning.keep)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def _question_then_greedy(lm, kv, context: int, steps: int) -> tuple[list[int], torch.Tensor]:
+    """The question in one forward over the loaded cache, then `steps` greedy tokens one at a time: (every token id,
+    the logits of every position after the context)."""
     ids = kv.prompt_ids(lm.tokenizer, QUESTION)[0].tolist()
     with torch.inference_mode():
-        logits = [lm.model(torch.tensor([ids[pre.tokens :]]), past_key_values=kv.cache).logits[0]]
-        for _ in range(3):
+        logits = [lm.model(torch.tensor([ids[context:]]), past_key_values=kv.cache).logits[0]]
+        for _ in range(steps):
             ids.append(int(logits[-1][-1].argmax()))
             logits.append(lm.model(torch.tensor([ids[-1:]]), past_key_values=kv.cache).logits[0])
-    want = masked_logits(lm.model, ids, pre.tokens, pruning.keep)
-    torch.testing.assert_close(torch.cat(logits), want, atol=1e-4, rtol=1e-4)
+    return ids, torch.cat(logits)
+
+
+def test_a_logit_bias_is_added_where_the_reference_adds_it(tmp_path, family, monkeypatch):
+    """The test above with a random logit bias on every kept entry (as a file's kv_layer_bias sections give it): the
+    loaded cache adds it after any soft-capping and within the sliding window, as the eager reference does."""
+    _, pre = family
+    lm = pre.lm
+    pruning, path = _pruned(tmp_path, pre, codec="zstd", bits=32)
+    bias = torch.randn(pruning.keep.shape, generator=torch.Generator().manual_seed(0))
+    kept = [torch.cat([bias[i, h][keep] for h, keep in enumerate(layer)]).numpy()
+            for i, layer in enumerate(pruning.keep)]
+    monkeypatch.setattr(KvcReader, "read_bias", lambda self, layer: kept[layer])
+    monkeypatch.setattr(KvcReader, "bias_layers", tuple(range(len(kept))))
+    ids, logits = _question_then_greedy(lm, load(path, lm), pre.tokens, 2)
+    want = masked_logits(lm.model, ids, pre.tokens, pruning.keep, bias)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    assert (want - masked_logits(lm.model, ids, pre.tokens, pruning.keep)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name,trait", [("mistral", "window"), ("gemma2", "window"), ("gemma3", "window"),

@@ -28,7 +28,11 @@ def test_golden_file_decodes_as_recorded(name):
     with KvcReader(GOLDEN / name) as r:
         r.verify()
         assert list(r.version) == expected["version"]
-        for stored, want in zip(r.read_layers(), expected["layers"], strict=True):
+        for layer, (stored, want) in enumerate(zip(r.read_layers(), expected["layers"], strict=True)):
+            bias = r.read_bias(layer)
+            assert (bias is None) == ("bias" not in want)
+            if bias is not None:
+                assert hashlib.sha256(bias.tobytes()).hexdigest() == want["bias"]
             assert hashlib.sha256(stored.keys.data.tobytes()).hexdigest() == want["keys"]
             assert hashlib.sha256(stored.values.data.tobytes()).hexdigest() == want["values"]
             if stored.positions is not None:

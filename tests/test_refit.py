@@ -1,6 +1,7 @@
 """Refitting the kept values after pruning (kvzip_cli.refit): the least-squares fit, the recorded reference queries,
 and the values a pruned file stores with and without it, on random tensors and tiny random-weight models."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,7 @@ from kvzip_cli import compress_text, load
 from kvzip_cli.cache import layer_windows
 from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.pruning import score_context
-from kvzip_cli.refit import MAX_QUERIES, ReferenceQueries, output_error, refit_values
+from kvzip_cli.refit import BIAS_RANGE, MAX_QUERIES, ReferenceQueries, Refit, output_error, refit_values
 
 from family_models import family_model
 from test_pipeline import TEXT
@@ -36,7 +37,7 @@ def test_refit_lowers_the_error_it_minimises_and_leaves_dropped_rows(seed, softc
     before = output_error(keys, values, keep, q, scaling, softcap=softcap)
     after = output_error(keys, values, keep, q, scaling, fitted, softcap=softcap)
     assert after < 0.75 * before  # the fit is at most the error at V' = V; random data leaves much of it
-    assert torch.equal(fitted[~keep], values[~keep])
+    assert torch.equal(fitted.values[~keep], values[~keep]) and fitted.bias is None
     # Without the ridge term's pull towards the old values the fit can only get closer.
     loose = refit_values(keys, values, keep, q, scaling, softcap, ridge=1e-9)
     assert output_error(keys, values, keep, q, scaling, loose, softcap=softcap) <= after * (1 + 1e-4)
@@ -45,8 +46,35 @@ def test_refit_lowers_the_error_it_minimises_and_leaves_dropped_rows(seed, softc
 def test_refit_of_the_whole_context_keeps_the_values():
     keys, values, _, q = _random_head(0)
     keep = torch.ones(keys.shape[:2], dtype=torch.bool)
-    fitted = refit_values(keys, values, keep, q, keys.shape[-1] ** -0.5)
-    torch.testing.assert_close(fitted, values, atol=1e-3, rtol=1e-3)
+    fitted = refit_values(keys, values, keep, q, keys.shape[-1] ** -0.5, logit_bias=True)
+    torch.testing.assert_close(fitted.values, values, atol=1e-3, rtol=1e-3)
+    # Every key kept: the kept keys already carry all of each query's mass, so w = 1 fits exactly.
+    torch.testing.assert_close(torch.stack(fitted.bias), torch.zeros(keep.shape), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_logit_bias_lowers_the_error_further_and_stays_in_range(seed, softcap):
+    keys, values, keep, q = _random_head(seed)
+    scaling = keys.shape[-1] ** -0.5
+    plain = refit_values(keys, values, keep, q, scaling, softcap)
+    biased = refit_values(keys, values, keep, q, scaling, softcap, logit_bias=True)
+    assert [len(b) for b in biased.bias] == keep.sum(1).tolist()
+    assert max(float(b.abs().max()) for b in biased.bias) <= math.log(BIAS_RANGE) + 1e-5
+    assert min(float(b.max()) for b in biased.bias) > 0  # a pruned context lost mass: some keys must weigh more
+    assert torch.equal(biased.values[~keep], values[~keep])
+    # What the bias fits: each query's mass on the kept keys, weighted by exp(β), against its full-context mass (1).
+    group = q.shape[0] // keys.shape[0]
+    for h in range(keys.shape[0]):
+        logits = q[h * group : (h + 1) * group].reshape(-1, keys.shape[-1]) @ keys[h].T * scaling
+        logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+        share = torch.softmax(logits, -1)[:, keep[h]]
+        unbiased = (share.sum(1) - 1).norm()
+        assert (share @ biased.bias[h].exp() - 1).norm() < 0.9 * unbiased  # random keys: far from all of it
+    # The values are then fit under the biased weights: better than the biased weights with the plain refit's values.
+    as_plain = Refit(plain.values, biased.bias)
+    assert output_error(keys, values, keep, q, scaling, biased, softcap=softcap) < output_error(
+        keys, values, keep, q, scaling, as_plain, softcap=softcap)
 
 
 def test_reference_queries_keep_every_stride_th_position_across_calls():
@@ -77,6 +105,11 @@ def test_scoring_records_reference_queries_for_every_layer(llama, scorer):
     assert score_context(llama.lm, llama.cache, llama.layout, scorer, refit=False).queries is None
 
 
+def _kept_rows(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(kv_heads, tokens, head_dim) → the kept rows, heads concatenated (a file's row order)."""
+    return torch.cat([tensor[h, keep[h]] for h in range(len(keep))])
+
+
 def _stored_values(path, lm) -> list[torch.Tensor]:
     """Each layer's kept values as loaded, heads concatenated."""
     return [torch.cat(layer.context_values, dim=1)[0] for layer in load(path, lm).cache.layers]
@@ -85,21 +118,37 @@ def _stored_values(path, lm) -> list[torch.Tensor]:
 def test_a_pruned_file_stores_the_refit_values(tmp_path, llama):
     pre = llama
     pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.4)
-    write_kvc(pre, tmp_path / "refit.kvc", bits=32, pruning=pruning)
+    write_kvc(pre, tmp_path / "biased.kvc", bits=32, pruning=pruning)
+    write_kvc(pre, tmp_path / "refit.kvc", bits=32, pruning=replace(pruning, logit_bias=False))
     write_kvc(pre, tmp_path / "plain.kvc", bits=32, pruning=replace(pruning, queries=None))
-    assert KvcReader(tmp_path / "refit.kvc").header["settings"]["refit"] == "values"
-    assert KvcReader(tmp_path / "plain.kvc").header["settings"]["refit"] is None
-    refit, plain = _stored_values(tmp_path / "refit.kvc", pre.lm), _stored_values(tmp_path / "plain.kvc", pre.lm)
+    readers = {name: KvcReader(tmp_path / f"{name}.kvc") for name in ("biased", "refit", "plain")}
+    assert [r.header["settings"]["refit"] for r in readers.values()] == ["values+bias", "values", None]
+    assert [bool(r.bias_layers) for r in readers.values()] == [True, False, False]
+    stored = {name: _stored_values(tmp_path / f"{name}.kvc", pre.lm) for name in readers}
     lowered = 0
     for i, layer in enumerate(pre.cache.layers):
         keys, values, keep = layer.keys[0], layer.values[0], pruning.keep[i]
         queries, scaling = pruning.queries.layer(i), pruning.queries.scaling[i]
         expected = refit_values(keys, values, keep, queries, scaling)
-        torch.testing.assert_close(refit[i], torch.cat([expected[h, keep[h]] for h in range(len(keep))]))
-        assert torch.equal(plain[i], torch.cat([values[h, keep[h]] for h in range(len(keep))]))
+        biased = refit_values(keys, values, keep, queries, scaling, logit_bias=True)
+        torch.testing.assert_close(stored["refit"][i], _kept_rows(expected.values, keep))
+        assert torch.equal(stored["plain"][i], _kept_rows(values, keep))
+        torch.testing.assert_close(stored["biased"][i], _kept_rows(biased.values, keep))
+        torch.testing.assert_close(torch.from_numpy(readers["biased"].read_bias(i)),
+                                   torch.cat(biased.bias).half().float())
+        assert readers["refit"].read_bias(i) is None
         before = output_error(keys, values, keep, queries, scaling)
         lowered += output_error(keys, values, keep, queries, scaling, expected) < before
     assert lowered == len(pre.cache.layers)
+
+
+def test_a_biased_file_loads_with_its_bias(tmp_path, llama):
+    pruning = score_context(llama.lm, llama.cache, llama.layout, "kvzip").keep(0.4)
+    write_kvc(llama, tmp_path / "b.kvc", bits=16, pruning=pruning)
+    reader = KvcReader(tmp_path / "b.kvc")
+    for i, layer in enumerate(load(tmp_path / "b.kvc", llama.lm).cache.layers):
+        assert [len(b) for b in layer.bias] == layer.kept
+        torch.testing.assert_close(torch.cat(layer.bias).float(), torch.from_numpy(reader.read_bias(i)))
 
 
 def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
@@ -108,7 +157,7 @@ def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
     pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.5)
     write_kvc(pre, tmp_path / "m.kvc", bits=32, pruning=pruning)
     reader = KvcReader(tmp_path / "m.kvc")
-    assert reader.header["settings"]["refit"] == "values"
+    assert reader.header["settings"]["refit"] == "values+bias"
     windows = layer_windows(pre.lm.model.config)
     for (i, stored_layer), window in zip(reader.iter_layers(), windows, strict=True):
         values, keep = pre.cache.layers[i].values[0], pruning.keep[i]
@@ -116,6 +165,7 @@ def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
         if window is None:  # Mistral: every layer slides; a family with full layers too would refit those
             continue
         assert torch.equal(stored, torch.cat([values[h, keep[h]] for h in range(len(keep))]))
+        assert reader.read_bias(i) is None
 
 
 def test_compress_without_refit(tmp_path, tiny_tokenizer):
@@ -123,4 +173,4 @@ def test_compress_without_refit(tmp_path, tiny_tokenizer):
     compress_text(TEXT, tmp_path / "n.kvc", model=lm, preset="balanced", refit=False)
     compress_text(TEXT, tmp_path / "r.kvc", model=lm, preset="balanced")
     assert KvcReader(tmp_path / "n.kvc").header["settings"]["refit"] is None
-    assert KvcReader(tmp_path / "r.kvc").header["settings"]["refit"] == "values"
+    assert KvcReader(tmp_path / "r.kvc").header["settings"]["refit"] == "values+bias"

@@ -46,8 +46,12 @@ def test_spec_reader_matches_reference(name):
     with KvcReader(GOLDEN / name) as r:
         assert tuple(r.version) == ours.version
         reference = list(r.read_layers())
+        biases = [r.read_bias(layer) for layer in range(len(reference))]
     assert len(ours.layers) == len(reference)
-    for mine, ref in zip(ours.layers, reference, strict=True):
+    for mine, ref, bias in zip(ours.layers, reference, biases, strict=True):
+        assert (mine.bias is None) == (bias is None)
+        if bias is not None:
+            assert mine.bias.dtype == np.float32 and np.array_equal(mine.bias, bias)
         for a, b in ((mine.keys, ref.keys), (mine.values, ref.values)):
             assert a.dtype == np.float32 and a.shape == b.data.shape
             assert np.array_equal(a, widen(b))
@@ -65,7 +69,8 @@ def test_spec_reader_matches_expected_digests(name):
     expected = EXPECTED[name]
     assert list(ours.version) == expected["version"]
     quantized = ours.header["cache"]["layout"] == "quantized"
-    for mine, section, want in zip(ours.layers, ours.sections, expected["layers"], strict=True):
+    layer_sections = [s for s in ours.sections if s["type"] != "kv_layer_bias"]
+    for mine, section, want in zip(ours.layers, layer_sections, expected["layers"], strict=True):
         dtypes = {s["name"]: s["dtype"] for s in section["streams"]}
         # the reference hashes dequantized float32 for quantized layers, the stored dtype's bytes otherwise
         keys = mine.keys if quantized else narrow(mine.keys, dtypes["keys"])
@@ -74,6 +79,9 @@ def test_spec_reader_matches_expected_digests(name):
         assert sha(values) == want["values"]
         if mine.positions is not None:
             assert sha(np.concatenate(mine.positions).astype("<i8")) == want["positions"]
+        assert (mine.bias is None) == ("bias" not in want)
+        if mine.bias is not None:
+            assert sha(mine.bias) == want["bias"]
 
 
 def test_spec_reader_refuses_a_corrupt_section(tmp_path):

@@ -7,7 +7,8 @@ Each file stores the same small synthetic cache (2 layers, 2 KV heads, 500 token
 decoding them exactly as this version did. Files of format 1.2: dense raw/zstd, pruned zstd, quantized rans, zstd
 and raw-minmax. Of 1.3: dense bfloat16, and a quantized file exercising what the reference writer does not emit
 (keys stored without RoPE with their frequencies, bfloat16 exact rows, per-channel rANS tables on lanes of 100 rows,
-layer tables on lanes of the maximum 4096 rows, 4 value groups).
+layer tables on lanes of the maximum 4096 rows, 4 value groups). Of 1.5: a pruned file with a logit bias on every
+layer (raw), and a quantized rANS file with one on layer 0 only (zstd).
 """
 
 import hashlib
@@ -115,10 +116,49 @@ def write_1_3(keys, values, positions, kept) -> None:
             w.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, streams, codec="zstd")
 
 
+def add_pruned_layer(w: KvcWriter, i: int, keys, values, positions, codec: str) -> int:
+    """Layer i's kv_layer_pruned section (float16 keys and values in `codec`); its kept count."""
+    counts, gaps = encode_positions(positions[i])
+    k = np.concatenate([keys[i][h, p] for h, p in enumerate(positions[i])]).astype("<f2")
+    v = np.concatenate([values[i][h, p] for h, p in enumerate(positions[i])]).astype("<f2")
+    w.add_section("kv_layer_pruned", {"layer": i, "kept": len(gaps)},
+                  [stream("counts", "int32", counts, "zstd"), stream("positions", "int32", gaps, "zstd"),
+                   stream("keys", "float16", k), stream("values", "float16", v)], codec=codec)
+    return len(gaps)
+
+
+def bias(layer: int, kept: int) -> np.ndarray:
+    """A logit bias per kept row, within the ±ln 100 the reference writer's fit allows."""
+    return np.random.default_rng(1500 + layer).uniform(-4.6, 4.6, kept).astype("<f2")
+
+
+def write_1_5(keys, values, positions, kept) -> None:
+    w = writer("pruned-bias.kvc", header("pruned", kept))
+    if w is not None:
+        with w:
+            for i in range(LAYERS):
+                kept_here = add_pruned_layer(w, i, keys, values, positions, "raw")
+                w.add_section("kv_layer_bias", {"layer": i}, [stream("bias", "float16", bias(i, kept_here))],
+                              codec="raw")
+    w = writer("quantized-rans-bias.kvc", header("quantized", kept, exact_positions=4, key_rope="applied"))
+    if w is None:
+        return
+    with w:
+        for i in range(LAYERS):
+            k = np.concatenate([keys[i][h, p] for h, p in enumerate(positions[i])])
+            v = np.concatenate([values[i][h, p] for h, p in enumerate(positions[i])])
+            encoded = encode_layer(k, v, positions[i], Quantization(coder="rans", value_group=DIM))
+            w.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams, codec="zstd")
+            if i == 0:
+                w.add_section("kv_layer_bias", {"layer": i}, [stream("bias", "float16", bias(i, len(k)))],
+                              codec="zstd")
+
+
 def write_all() -> None:
     keys, values, positions = cache()
     kept = sum(len(p) for per_head in positions for p in per_head)
     write_1_3(keys, values, positions, kept)
+    write_1_5(keys, values, positions, kept)
     if (HERE / "dense-raw.kvc").exists():  # the 1.2 files
         return
     for codec in ("raw", "zstd"):
@@ -129,12 +169,7 @@ def write_all() -> None:
                               codec=codec)
     with KvcWriter(HERE / "pruned-zstd.kvc", header("pruned", kept)) as w:
         for i in range(LAYERS):
-            counts, gaps = encode_positions(positions[i])
-            k = np.concatenate([keys[i][h, p] for h, p in enumerate(positions[i])]).astype("<f2")
-            v = np.concatenate([values[i][h, p] for h, p in enumerate(positions[i])]).astype("<f2")
-            w.add_section("kv_layer_pruned", {"layer": i, "kept": len(gaps)},
-                          [stream("counts", "int32", counts, "zstd"), stream("positions", "int32", gaps, "zstd"),
-                           stream("keys", "float16", k), stream("values", "float16", v)], codec="zstd")
+            add_pruned_layer(w, i, keys, values, positions, "zstd")
     variants = {"quantized-rans": Quantization(coder="rans", value_group=DIM),
                 "quantized-zstd": Quantization(coder="zstd", value_group=DIM),
                 "quantized-raw-minmax": Quantization(coder="raw", value_mode="minmax", value_bits=3, value_group=4)}
@@ -158,6 +193,9 @@ def digests(path: Path) -> dict:
             if stored.positions is not None:
                 positions = np.concatenate(stored.positions).astype("<i8").tobytes()
                 layer["positions"] = hashlib.sha256(positions).hexdigest()
+            bias = r.read_bias(len(out["layers"]))
+            if bias is not None:
+                layer["bias"] = hashlib.sha256(bias.tobytes()).hexdigest()
             out["layers"].append(layer)
         return out
 

@@ -88,8 +88,9 @@ def _series_of(row: dict) -> tuple[str, str, bool]:
     """(series name, point label, joined) of a bench row."""
     if row["kind"] == "peer":
         return row["family"], f"{row['ratio']:g}", True
-    if row["kind"] == "kvc" and row["family"].startswith("kvc presets"):  # with or without the refit
-        return row["family"], row["setting"].removeprefix("preset ").removesuffix(" no-refit"), False
+    if row["kind"] == "kvc" and row["family"].startswith("kvc presets"):  # each refit choice a series of its own
+        label = row["setting"].removeprefix("preset ")
+        return row["family"], label.removesuffix(" no-refit").removesuffix(" values-refit"), False
     if row["kind"] == "kvc" and row.get("scorer") is None and row["ratio"] == 1:
         return f"kvc full cache, {row['codec']}", f"{row['bits']}-bit", True
     if row["kind"] == "kvc" and row.get("scorer") is not None:

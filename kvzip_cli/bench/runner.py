@@ -86,7 +86,7 @@ def _row(setting: Setting, pre: Prefilled, **values) -> dict:
 def refitting_scorers(sweep: list[Setting]) -> set[str]:
     """The scorers some pruned kvc setting of `sweep` refits with: only their scoring records the reference queries
     (for a scorer other than KVzip, in reconstruction passes of their own, about two prefills)."""
-    return {s.scorer for s in sweep if s.kind == "kvc" and s.ratio < 1 and s.refit}
+    return {s.scorer for s in sweep if s.kind == "kvc" and s.ratio < 1 and s.refit != "off"}
 
 
 def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator, reference: Reference,
@@ -98,8 +98,9 @@ def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: E
             scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task,
                                                    refit=setting.scorer in refitting)
         pruning = scored[setting.scorer].keep(setting.ratio, setting.allocation)
-        if not setting.refit:
+        if setting.refit == "off":
             pruning = replace(pruning, queries=None)
+        pruning = replace(pruning, logit_bias=setting.refit == "bias")
     made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits, pruning=pruning,
                      quant=QuantOptions(key_bits=setting.key_bits))
     with kvc_attention_in(lm.model):

@@ -10,7 +10,11 @@ from ..scorers import SCORERS
 from .peers import PEERS
 
 DEFAULT_RATIOS = (0.5, 0.3, 0.2, 0.1)
-REFITS = {"on": (True,), "off": (False,), "both": (True, False)}  # --refit choice → build_sweep's refits
+# --refit choice → build_sweep's refits: "bias" (values refit with a logit bias, as kvc compress does), "values"
+# (values refit alone, as --no-logit-bias), "off" (neither, as --no-refit)
+REFITS = {"on": ("bias",), "values": ("values",), "off": ("off",), "both": ("bias", "off"),
+          "all": ("bias", "values", "off")}
+REFIT_LABELS = {"bias": "", "values": " values-refit", "off": " no-refit"}
 KVC_BITS = FLOAT_BITS + QUANT_BITS
 KVC_SCORERS = tuple(SCORERS)
 # Codecs measured on the full cache at each bit width: floats raw and zstd (both lossless); quantized symbols with
@@ -30,7 +34,7 @@ class Setting:
     scorer: str | None = None
     allocation: str | None = None  # None: the scorer's default
     key_bits: int | None = None  # None: as bits
-    refit: bool = True  # pruned kvc settings: the kept values refit (kvzip_cli.refit)
+    refit: str = "bias"  # pruned kvc settings: "bias", "values" or "off" (REFITS, kvzip_cli.refit)
 
 
 def _check(ratios, bits, scorers, allocations, presets) -> None:
@@ -57,17 +61,17 @@ def _full_cache_family(bits: int) -> str:
     return "kvc lossless" if bits in FLOAT_BITS else "kvc quantized"
 
 
-def _refit_label(refit: bool) -> str:
-    return "" if refit else " no-refit"
+def _refit_label(refit: str) -> str:
+    return REFIT_LABELS[refit]
 
 
 def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=False,
-                allocations=(None,), presets=(), refits=(True,)) -> list[Setting]:
+                allocations=(None,), presets=(), refits=("bias",)) -> list[Setting]:
     """The full cache at each bit width and codec, each scorer × allocation × refit × ratio × bits, the named presets
     (each refit choice), the peers at each ratio, size baselines.
 
-    `peers`: True for every kvpress press in PEERS, or a sequence of their names. `refits`: (True,), (False,) or
-    both; settings without refit are labelled "no-refit".
+    `peers`: True for every kvpress press in PEERS, or a sequence of their names. `refits`: any of "bias", "values"
+    and "off"; settings refit without the bias are labelled "values-refit", those not refit "no-refit".
     """
     _check(ratios, bits, scorers, allocations, presets)
     sweep = [Setting(f"kvc {b}-bit {c}", _full_cache_family(b), "kvc", 1.0, b, c)
