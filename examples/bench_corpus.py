@@ -3,7 +3,7 @@ averaged table, and a PNG), so results can be compared across commits.
 
     python examples/bench_corpus.py [--peers [NAME,...]] [--scorers kvzip,...] [--allocations global,...]
                                     [--ratios 0.5,0.3,0.2,0.1] [--bits 16,4,...] [--presets lossless,...]
-                                    [--refit on|off|both]
+                                    [--refit on|values|off|both|all]
                                     [--out DIR] [DOC ...]
 
 With every scorer, --peers KVzipPress,CompactorPress and the default ratios this takes about 20 minutes per
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--bits", default="16", help="bit widths, comma-separated (16, 32, 8, 4, 3, 2)")
     parser.add_argument("--presets", default="", help="presets to measure, comma-separated")
     parser.add_argument("--refit", choices=tuple(REFITS), default="on",
-                        help="pruned settings with their kept values refit, without, or both side by side")
+                        help="pruned settings refit with a logit bias (on), refit without it (values), not refit "
+                             "(off), on and off side by side (both), or all three")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.peers:

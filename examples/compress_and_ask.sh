@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compress a licence text once (the default preset, balanced: 30% of the KV kept, 3-bit, entropy-coded), inspect
+# Compress a licence text once (the default preset, balanced: 25% of the KV kept, refit, 3-bit, entropy-coded), inspect
 # and verify the file, then answer from it.
 set -euo pipefail
 doc=${1:-"$(dirname "$0")/docs/apache-2.0.txt"}

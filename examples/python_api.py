@@ -1,4 +1,4 @@
-"""Compress a document once (a preset: balanced keeps 30% of the KV, 3-bit, entropy-coded), then answer several
+"""Compress a document once (a preset: balanced keeps 25% of the KV, refit, 3-bit, entropy-coded), then answer several
 questions with `model.generate`.
 
     python examples/python_api.py [DOC] [PRESET]

@@ -131,6 +131,10 @@ class PrunedLayer(CacheLayerMixin):
                 buffer[:, start + n : start + n + new] = appended[:, h]
         self._append_at = torch.tensor([start + n for start, n in zip(self.starts, self.kept, strict=True)],
                                        device=self.device)
+        if self.bias is not None:  # laid out as the keys: each head's bias, then 0 for its appended tokens and room
+            self.buffer_bias = keys[0].new_zeros(total)
+            for start, n, bias in zip(self.starts, self.kept, self.bias, strict=True):
+                self.buffer_bias[start : start + n] = bias
 
     @property
     def context_keys(self) -> list[torch.Tensor]:
@@ -193,8 +197,8 @@ class PrunedLayer(CacheLayerMixin):
                     context = self.context_positions[h][None, :] > rows + self.context_length - self.window
                 mask = torch.cat([context, seen_new], dim=1).repeat(group, 1)
             if self.bias is not None:  # a float mask: added to the logits (after the softcap), −inf where masked
-                added = torch.cat([self.bias[h].expand(q_len, n), query.new_zeros(q_len, new)], dim=1)
-                mask = added.repeat(group, 1) if mask is None else added.repeat(group, 1).masked_fill(~mask, -math.inf)
+                added = self.buffer_bias[None, start : start + n + new]  # one row: it broadcasts over the queries
+                mask = added if mask is None else added.expand(mask.shape).masked_fill(~mask, -math.inf)
             if softcap is None:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
             else:

@@ -170,9 +170,10 @@ def compress(
     model: ModelOption = "smollm2",
     preset: Annotated[PresetName | None, typer.Option(
         help="lossless: every entry, 16-bit floats, zstd (~1.2x smaller; bit-exact for a model computing in 16 "
-             "bits, float16 rounding of a CPU's float32 KV, where --bits 32 is bit-exact); balanced: 30% of "
-             "entries (KVzip), 3-bit, entropy-coded (~18x); small: 12% of entries, 3-bit keys, 2-bit values "
-             "(~47x). --ratio, --scorer, --bits, --codec override it. (default: balanced)")] = None,
+             "bits, float16 rounding of a CPU's float32 KV, where --bits 32 is bit-exact); balanced: 25% of "
+             "entries (KVzip), values refit with a logit bias, 3-bit, entropy-coded (~21x); small: 12% of "
+             "entries, values refit, 3-bit keys, 2-bit values (~47x). --ratio, --scorer, --bits, --codec, "
+             "--logit-bias override it. (default: balanced)")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of context KV entries kept, 0 < R <= 1. Below 1, "
                                               "--scorer decides which entries stay, without knowing any "
                                               "question. (default: from --preset)")] = None,
@@ -204,14 +205,15 @@ def compress(
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Pruned caches: refit the kept values (least "
                                         "squares; about 20 s more for 4k tokens on 2 CPU cores) so attention "
                                         "over them gives what the full context gives to the model's queries "
-                                        "while it repeats the document; lowers kld about 4x at 30% kept. The file "
-                                        "format is unchanged. Not with --target-top1/--target-kld.")] = True,
+                                        "while it repeats the document; lowers kld about 4x at 30% kept. Not "
+                                        "with --target-top1/--target-kld.")] = True,
     logit_bias: Annotated[bool | None, typer.Option("--logit-bias/--no-logit-bias", help="Pruned caches, with the "
                                                     "refit: also fit a logit bias per kept entry, so the kept "
-                                                    "entries carry the attention the dropped ones had (lowers kld "
-                                                    "2-3x more at 20-30% kept; about 1 byte per kept entry). kvc "
-                                                    "and safetensors exports use it; llama.cpp and MLX-LM cannot. "
-                                                    "(default: on, off with --allocation position)")] = None,
+                                                    "entries carry the attention the dropped ones had (16-bit: kld "
+                                                    "2-3x lower at 20-30% kept; 3-bit: 15-30%; about 2% of the "
+                                                    "file). kvc and safetensors exports use it; llama.cpp and "
+                                                    "MLX-LM cannot. (default: the preset's, on for balanced; off "
+                                                    "with --allocation position)")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill this many tokens at a time (bounds memory).")] = 512,
     target_top1: Annotated[float | None, typer.Option(help="Instead of a preset: search the ratio and bits for the "
                                                       "smallest file whose self-check top1 is at least this (e.g. "
@@ -244,8 +246,8 @@ def compress(
     """Prefill DOCUMENT once through the model and store its KV cache in a .kvc file.
 
     The document is placed in the model's chat template as a reusable prefix; `kvc load --prompt` later appends
-    a question to it without re-reading the document. By default (--preset balanced) 30% of the entries are kept,
-    quantized to 3 bits and entropy-coded: about 20x smaller than the float16 cache.
+    a question to it without re-reading the document. By default (--preset balanced) 25% of the entries are kept,
+    refit, quantized to 3 bits and entropy-coded: about 21x smaller than the float16 cache.
 
     With --target-top1 or --target-kld, kvc scores the document once and searches for the smallest file whose
     self-check meets the target (within --budget prefills of extra time); the file records the target, the

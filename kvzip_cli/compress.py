@@ -34,9 +34,8 @@ from .rope import head_dim
 def preset_record(chosen: Preset, **given) -> dict:
     """What a file records of its preset: the preset's name and the options given that change it."""
     own = {"ratio": chosen.ratio, "scorer": chosen.scorer, "bits": chosen.bits, "codec": chosen.codec,
-           "key_bits": chosen.key_bits}
-    changed = [f"--{name.replace('_', '-')}" for name, value in given.items()
-               if value is not None and value != own[name]]
+           "key_bits": chosen.key_bits, "logit_bias": chosen.logit_bias}
+    changed = [_flag(name, value) for name, value in given.items() if value is not None and value != own[name]]
     return {"preset": chosen.name, "overrides": changed}
 
 
@@ -82,8 +81,8 @@ def compress_text(
         return _calibrated(text, output, target, budget, model=model, scorer=scorer, allocation=allocation,
                            preset=preset, ratio=ratio, bits=bits, codec=codec, quant=quant, chunk_size=chunk_size,
                            device=device, dtype=dtype, progress=progress)
-    ratio, scorer, bits, codec, quant, record = _settings(preset, codec, ratio, scorer, allocation, bits, quant,
-                                                          chunk_size, budget)
+    ratio, scorer, bits, codec, quant, record, logit_bias = _settings(preset, codec, ratio, scorer, allocation, bits,
+                                                                      quant, chunk_size, budget, logit_bias)
     check_output(Path(output))
     started = time.perf_counter()
     lm = _checked_model(model, device, dtype, quant if bits in QUANT_BITS else None)
@@ -93,11 +92,15 @@ def compress_text(
         if ratio < 1:
             check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
             pruning = score_context(lm, pre.cache, pre.layout, scorer, task, refit).keep(ratio, allocation)
-            if logit_bias is not None:
-                pruning = replace(pruning, logit_bias=logit_bias)
+            pruning = replace(pruning, logit_bias=logit_bias)
         result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task,
                            preset=record)
     return replace(result, seconds=time.perf_counter() - started)
+
+
+def _flag(name: str, value) -> str:
+    flag = f"--{name.replace('_', '-')}"
+    return flag if value is not False else flag.replace("--", "--no-", 1)
 
 
 def check_options(*, preset: str | None = None, codec: str | None = None, ratio: float | None = None,
@@ -111,8 +114,8 @@ def check_options(*, preset: str | None = None, codec: str | None = None, ratio:
     if target is not None:
         _calibrated_settings(target, budget, preset, ratio, bits, codec, scorer, allocation, quant, chunk_size)
         return {"chunk_size": chunk_size}
-    ratio, _, bits, codec, _, record = _settings(preset, codec, ratio, scorer, allocation, bits, quant, chunk_size,
-                                                 budget)
+    ratio, _, bits, codec, _, record, _ = _settings(preset, codec, ratio, scorer, allocation, bits, quant,
+                                                    chunk_size, budget, logit_bias)
     return {"ratio": ratio, "bits": bits, "codec": codec, "chunk_size": chunk_size, **record}
 
 
@@ -124,12 +127,17 @@ def _check_bias(refit: bool, logit_bias: bool | None, target: Target | None) -> 
                          "refit")
 
 
-def _settings(preset, codec, ratio, scorer, allocation, bits, quant: QuantOptions, chunk_size: int, budget):
-    """A preset's settings with the options given over them, checked: (ratio, scorer, bits, codec, quant, record)."""
+def _settings(preset, codec, ratio, scorer, allocation, bits, quant: QuantOptions, chunk_size: int, budget,
+              logit_bias: bool | None):
+    """A preset's settings with the options given over them, checked: (ratio, scorer, bits, codec, quant, record,
+    logit_bias)."""
     if budget is not None:
         raise UsageError("--budget bounds the search of --target-top1 / --target-kld: give a target too")
     chosen = get_preset(preset or DEFAULT_PRESET)
-    record = preset_record(chosen, ratio=ratio, scorer=scorer, bits=bits, codec=codec, key_bits=quant.key_bits)
+    record = preset_record(chosen, ratio=ratio, scorer=scorer, bits=bits, codec=codec, key_bits=quant.key_bits,
+                           logit_bias=logit_bias)
+    if logit_bias is None:  # a position allocation is for llama.cpp, whose cache has no place for a logit bias
+        logit_bias = chosen.logit_bias and allocation != "position"
     ratio = chosen.ratio if ratio is None else ratio
     scorer = chosen.scorer if scorer is None else scorer
     bits = chosen.bits if bits is None else bits
@@ -138,7 +146,7 @@ def _settings(preset, codec, ratio, scorer, allocation, bits, quant: QuantOption
     if quant.key_bits is None and bits == chosen.bits and chosen.key_bits is not None:
         quant = replace(quant, key_bits=chosen.key_bits)
     check_settings(codec, ratio, bits, chunk_size, scorer, allocation, quant)
-    return ratio, scorer, bits, codec, quant, record
+    return ratio, scorer, bits, codec, quant, record, logit_bias
 
 
 def _calibrated_settings(target: Target, budget, preset, ratio, bits, codec, scorer, allocation, quant: QuantOptions,

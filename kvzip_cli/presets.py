@@ -15,6 +15,7 @@ class Preset:
     codec: str
     summary: str
     key_bits: int | None = None
+    logit_bias: bool = True  # with the refit: also fit a logit bias per kept entry (kvzip_cli.refit)
 
 
 PRESETS = {
@@ -24,11 +25,12 @@ PRESETS = {
         # KV (a CPU; kld ~3e-7), where --bits 32 is bit-exact.
         Preset("lossless", 1.0, "kvzip", 16, "zstd", "every entry, 16-bit floats (float32 KV rounded to float16), "
                "zstd"),
-        Preset("balanced", 0.3, "kvzip", 3, "ans", "30% of entries (KVzip), values refit, 3-bit keys and values, "
-               "rANS-coded"),
+        Preset("balanced", 0.25, "kvzip", 3, "ans", "25% of entries (KVzip), values refit with a logit bias, 3-bit "
+               "keys and values, rANS-coded"),
+        # No logit bias: at 12% kept and 2-bit values it raised kld and repetition (README, "Refit after pruning").
         Preset("small", 0.12, "kvzip", 2, "ans", "12% of entries (KVzip), values refit, 3-bit keys, 2-bit "
                "values, rANS-coded",
-               key_bits=3),
+               key_bits=3, logit_bias=False),
     )
 }
 DEFAULT_PRESET = "balanced"

@@ -15,6 +15,7 @@ from kvzip_cli.bench.sweep import REFITS, build_sweep
 from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.cli import app
 from kvzip_cli.errors import KvcError
+from kvzip_cli.presets import PRESETS
 
 from conftest import DOCS, tiny_model
 
@@ -175,7 +176,7 @@ def test_bench_quantized_rows_and_presets(tiny_folder, short_doc):
     presets = {name: rows[f"preset {name}"] for name in ("lossless", "balanced", "small")}
     assert presets["lossless"]["kld"] < 1e-3 and presets["lossless"]["bits_per_element"] == pytest.approx(16, rel=0.3)
     assert presets["small"]["file_bytes"] < presets["balanced"]["file_bytes"] < presets["lossless"]["file_bytes"]
-    assert presets["balanced"]["kept_ratio"] == pytest.approx(0.3, abs=0.01)
+    assert presets["balanced"]["kept_ratio"] == pytest.approx(PRESETS["balanced"].ratio, abs=0.01)
 
 
 def test_bench_pruned_rows(tiny_folder, short_doc):
@@ -433,6 +434,12 @@ def test_sweep_measures_every_refit_side_by_side():
                       "preset balanced": "bias", "preset balanced values-refit": "values",
                       "preset balanced no-refit": "off"}
     assert all(s.refit == "bias" for s in build_sweep(ratios=(0.3,)) if s.kind == "kvc")
+
+
+def test_a_preset_without_the_bias_is_measured_as_compress_makes_it():
+    sweep = build_sweep(ratios=(0.3,), presets=("small",), refits=REFITS["all"])
+    measured = {s.label: s.refit for s in sweep if s.label.startswith("preset")}
+    assert measured == {"preset small": "values", "preset small no-refit": "off"}
 
 
 def test_scorers_refit_only_where_a_setting_refits():

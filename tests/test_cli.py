@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from kvc_format import MINOR_VERSION
 from kvc_format.atomic import AtomicFile
 from kvzip_cli.cli import app
+from kvzip_cli.presets import PRESETS
 
 runner = CliRunner()
 CONTRACT = {
@@ -109,8 +110,9 @@ def test_inspect(kvc_file):
     data = json.loads(result.stdout)
     assert CONTRACT["inspect"] <= data.keys()
     assert data["version"] == f"1.{MINOR_VERSION}" and len(data["layers"]) == 3
-    # the default preset, balanced: 30% kept, 3-bit, entropy-coded
-    assert data["cache"]["layout"] == "quantized" and data["kept_ratio"] == pytest.approx(0.3, abs=1e-3)
+    # the default preset, balanced: its kept ratio, 3-bit, entropy-coded
+    balanced = PRESETS["balanced"].ratio
+    assert data["cache"]["layout"] == "quantized" and data["kept_ratio"] == pytest.approx(balanced, abs=1e-3)
     assert data["settings"]["bits"] == 3 and data["settings"]["codec"] == "ans"
     text = run("inspect", kvc_file)
     assert text.exit_code == 0 and "sections" in text.stdout
@@ -293,7 +295,9 @@ def test_closed_stdout_stops_quietly(kvc_file):
 @pytest.mark.parametrize("flags,recorded", [(["--refit"], "values+bias"), (["--no-logit-bias"], "values"),
                                             (["--no-refit"], None),
                                             (["--allocation", "position"], "values"),
-                                            (["--allocation", "position", "--logit-bias"], "values+bias")])
+                                            (["--allocation", "position", "--logit-bias"], "values+bias"),
+                                            (["--preset", "small"], "values"),
+                                            (["--preset", "small", "--logit-bias"], "values+bias")])
 def test_compress_refit_flags(tmp_path, tiny_folder, short_doc, flags, recorded):
     out = tmp_path / "r.kvc"
     made = run("compress", short_doc, "-o", out, "--model", tiny_folder, "--ratio", "0.4", *flags, "--json")
@@ -301,6 +305,8 @@ def test_compress_refit_flags(tmp_path, tiny_folder, short_doc, flags, recorded)
     info = json.loads(run("inspect", out, "--json").stdout)
     assert info["settings"]["refit"] == recorded
     assert ("bias" in info["streams"]) == (recorded == "values+bias")
+    overridden = "--logit-bias" in flags and "--allocation" not in flags  # a change to the preset's own choice
+    assert ("--logit-bias" in info["settings"]["overrides"]) == overridden
 
 
 @pytest.mark.parametrize("flags,message", [(["--no-refit", "--logit-bias"], "drop --no-refit"),

@@ -5,6 +5,7 @@ import pytest
 from kvzip_cli import load_model
 from kvzip_cli.bench.runner import run_bench
 from kvzip_cli.bench.sweep import Setting
+from kvzip_cli.presets import PRESETS
 
 from conftest import DOCS
 
@@ -16,7 +17,8 @@ def rows():
     smol = load_model("smollm2", device="cpu")
     text = DOCS.joinpath("gpl-2.txt").read_text()[:5000]
     sweep = [Setting(f"kvc {b}-bit {c}", "q", "kvc", 1.0, b, c) for b, c in ((4, "ans"), (4, "zstd"), (2, "ans"))]
-    sweep.append(Setting("balanced", "p", "kvc", 0.3, 3, "ans", scorer="kvzip"))
+    p = PRESETS["balanced"]
+    sweep.append(Setting("balanced", "p", "kvc", p.ratio, p.bits, p.codec, scorer=p.scorer, key_bits=p.key_bits))
     return {r["setting"]: r for r in run_bench(text, "gpl-2 excerpt", smol, sweep, [], new_tokens=8).rows}
 
 

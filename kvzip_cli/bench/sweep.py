@@ -83,11 +83,17 @@ def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=Fal
                 sweep += [Setting(f"{name} {r:g}" + (f" {b}-bit" if len(bits) > 1 else ""),
                                   name + (f" {b}-bit" if len(bits) > 1 else ""), "kvc", r, b, default_codec(b),
                                   scorer=s, allocation=a, refit=refit) for b in bits for r in ratios]
+    measured = set()
     for refit in refits:
         for name in presets:
             p = PRESETS[name]
+            # "bias" is what kvc compress does, which for a preset without the logit bias is the values refit alone
+            own = "values" if refit == "bias" and not p.logit_bias else refit
+            if (name, own) in measured:
+                continue
+            measured.add((name, own))
             sweep.append(Setting(f"preset {name}{_refit_label(refit)}", f"kvc presets{_refit_label(refit)}", "kvc",
-                                 p.ratio, p.bits, p.codec, scorer=p.scorer, key_bits=p.key_bits, refit=refit))
+                                 p.ratio, p.bits, p.codec, scorer=p.scorer, key_bits=p.key_bits, refit=own))
     chosen = PEERS if peers is True else tuple(peers or ())
     for p in chosen:
         if p not in PEERS:
