@@ -118,7 +118,7 @@ def test_the_job_finishes_with_a_complete_manifest_after_a_killed_worker(first_r
             with KvcReader(row["output"]) as reader:
                 reader.verify()
                 assert reader.header["document"]["sha256"] == row["digest"]
-                assert reader.header["settings"]["refit"] == "values"
+                assert reader.header["settings"]["refit"] == "values+bias"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [Path(r["output"]).name for r in rows if r["output"]] + ["manifest.jsonl"])
 
