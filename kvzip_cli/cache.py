@@ -103,18 +103,19 @@ class PrunedLayer(CacheLayerMixin):
             self.context_positions = [p[s] for p, s in zip(positions, seen, strict=True)]
             if bias is not None:
                 bias = [b.to(s.device)[s] for b, s in zip(bias, seen, strict=True)]
-        self.bias = None if bias is None else [b.to(device=keys[0].device, dtype=keys[0].dtype) for b in bias]
         self.context_length = context_length
         self.kept = [k.shape[1] for k in keys]
         first = keys[0]
         self.dtype, self.device = first.dtype, first.device
         empty = first.new_zeros(first.shape[0], len(keys), 0, first.shape[-1])
         self.keys, self.values = empty, empty.clone()  # the appended tokens
-        self._allocate(keys, values, self.ROOM)
+        self._allocate(keys, values, self.ROOM, bias)
         self.is_initialized = True
 
-    def _allocate(self, keys: list[torch.Tensor], values: list[torch.Tensor], room: int) -> None:
-        """Lay out each head's context, then its appended tokens (self.keys), then free room, in one buffer."""
+    def _allocate(self, keys: list[torch.Tensor], values: list[torch.Tensor], room: int,
+                  bias: list[torch.Tensor] | None) -> None:
+        """Lay out each head's context, then its appended tokens (self.keys), then free room, in one buffer; any bias
+        in a buffer of the same layout, 0 for the appended tokens and the room."""
         self.room = room
         self.starts = [0]
         for n in self.kept[:-1]:
@@ -131,15 +132,23 @@ class PrunedLayer(CacheLayerMixin):
                 buffer[:, start + n : start + n + new] = appended[:, h]
         self._append_at = torch.tensor([start + n for start, n in zip(self.starts, self.kept, strict=True)],
                                        device=self.device)
-        if self.bias is not None:  # laid out as the keys: each head's bias, then 0 for its appended tokens and room
+        self.buffer_bias = None
+        if bias is not None:
             self.buffer_bias = keys[0].new_zeros(total)
-            for start, n, bias in zip(self.starts, self.kept, self.bias, strict=True):
-                self.buffer_bias[start : start + n] = bias
+            for start, n, head_bias in zip(self.starts, self.kept, bias, strict=True):
+                self.buffer_bias[start : start + n] = head_bias
 
     @property
     def context_keys(self) -> list[torch.Tensor]:
         """Per head, the kept context keys (batch, kept_h, head_dim): views into the layer's buffer."""
         return [self.buffer_keys[:, s : s + n] for s, n in zip(self.starts, self.kept, strict=True)]
+
+    @property
+    def context_bias(self) -> list[torch.Tensor] | None:
+        """Per head, the kept entries' logit bias (kept_h,), views into the bias buffer; None without a bias."""
+        if self.buffer_bias is None:
+            return None
+        return [self.buffer_bias[s : s + n] for s, n in zip(self.starts, self.kept, strict=True)]
 
     @property
     def context_values(self) -> list[torch.Tensor]:
@@ -155,7 +164,7 @@ class PrunedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if held + new > self.room:
-            self._allocate(self.context_keys, self.context_values, max(2 * self.room, held + new))
+            self._allocate(self.context_keys, self.context_values, max(2 * self.room, held + new), self.context_bias)
         else:
             rows = (self._append_at[:, None] + torch.arange(held, held + new, device=self.device)).reshape(-1)
             batch, heads, _, dim = key_states.shape
@@ -196,7 +205,7 @@ class PrunedLayer(CacheLayerMixin):
                 if self.window is not None:  # the entry at p is out of the window of the query at context + row
                     context = self.context_positions[h][None, :] > rows + self.context_length - self.window
                 mask = torch.cat([context, seen_new], dim=1).repeat(group, 1)
-            if self.bias is not None:  # a float mask: added to the logits (after the softcap), −inf where masked
+            if self.buffer_bias is not None:  # a float mask: added to the logits (after the softcap), −inf where masked
                 added = self.buffer_bias[None, start : start + n + new]  # one row: it broadcasts over the queries
                 mask = added if mask is None else added.expand(mask.shape).masked_fill(~mask, -math.inf)
             if softcap is None:
@@ -237,8 +246,8 @@ class PrunedLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of the kept entries and the appended tokens (the buffer's free room not counted)."""
-        tensors = [*self.context_keys, *self.context_values, *(self.context_positions or []), *(self.bias or []),
-                   self.keys, self.values]
+        tensors = [*self.context_keys, *self.context_values, *(self.context_positions or []),
+                   *(self.context_bias or []), self.keys, self.values]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

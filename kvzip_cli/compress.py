@@ -27,7 +27,7 @@ from .models import LoadedModel, load_model
 from .paths import check_output
 from .presets import DEFAULT_PRESET, Preset, get_preset
 from .progress import progress_bars
-from .pruning import score_context
+from .pruning import default_logit_bias, score_context
 from .rope import head_dim
 
 
@@ -136,8 +136,8 @@ def _settings(preset, codec, ratio, scorer, allocation, bits, quant: QuantOption
     chosen = get_preset(preset or DEFAULT_PRESET)
     record = preset_record(chosen, ratio=ratio, scorer=scorer, bits=bits, codec=codec, key_bits=quant.key_bits,
                            logit_bias=logit_bias)
-    if logit_bias is None:  # a position allocation is for llama.cpp, whose cache has no place for a logit bias
-        logit_bias = chosen.logit_bias and allocation != "position"
+    if logit_bias is None:
+        logit_bias = chosen.logit_bias and default_logit_bias(allocation)
     ratio = chosen.ratio if ratio is None else ratio
     scorer = chosen.scorer if scorer is None else scorer
     bits = chosen.bits if bits is None else bits

@@ -29,8 +29,13 @@ class Scored:
     def keep(self, ratio: float, allocation: str | None = None) -> "Pruning":
         allocation = allocation or self.allocation
         mask = allocate(self.scores, ratio, allocation, self.protected)
-        # A position allocation is for llama.cpp, whose cache has no place for a logit bias: off unless asked.
-        return Pruning(mask, self.scorer, allocation, ratio, self.seconds, self.queries, allocation != "position")
+        return Pruning(mask, self.scorer, allocation, ratio, self.seconds, self.queries, default_logit_bias(allocation))
+
+
+def default_logit_bias(allocation: str | None) -> bool:
+    """Whether the refit stores a logit bias unless told: not for a position allocation, which is for llama.cpp,
+    whose cache has no place for one."""
+    return allocation != "position"
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,8 @@ def test_a_biased_file_loads_with_its_bias(tmp_path, llama):
     write_kvc(llama, tmp_path / "b.kvc", bits=16, pruning=pruning)
     reader = KvcReader(tmp_path / "b.kvc")
     for i, layer in enumerate(load(tmp_path / "b.kvc", llama.lm).cache.layers):
-        assert [len(b) for b in layer.bias] == layer.kept
-        torch.testing.assert_close(torch.cat(layer.bias).float(), torch.from_numpy(reader.read_bias(i)))
+        assert [len(b) for b in layer.context_bias] == layer.kept
+        torch.testing.assert_close(torch.cat(layer.context_bias).float(), torch.from_numpy(reader.read_bias(i)))
 
 
 def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
