@@ -29,7 +29,10 @@ def _verify(args) -> str:
 
 def _info(args) -> str:
     with KvcReader(args.file) as reader:
-        geometry = dataclasses.asdict(reader.geometry)
+        g = reader.geometry
+        geometry = dataclasses.asdict(g)
+        if g.windows is not None:  # what each layer stores: its window may leave it only the last positions
+            geometry["held"] = [g.held(layer) for layer in range(g.layers)]
         return json.dumps({"format": list(reader.version), "bytes": reader.file_size, "cache": geometry,
                            "model": reader.header["model"], "settings": reader.header.get("settings")}, indent=2)
 

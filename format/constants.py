@@ -5,7 +5,7 @@ import numpy as np
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVCINDEX"
 MAJOR_VERSION = 1
-MINOR_VERSION = 5
+MINOR_VERSION = 6
 LITTLE_ENDIAN = ord("L")
 
 PREAMBLE_SIZE = 16  # magic(8) major(u16) minor(u16) byte_order(u8) reserved(3)

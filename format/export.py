@@ -7,9 +7,11 @@ For every layer `l` and KV head `h`:
     layers.{l}.heads.{h}.positions  (n,) int32     the token position of each row, ascending
     layers.{l}.heads.{h}.bias       (n,)           only in layers that store one (format 1.5): the logit bias to add
                                                    to each row's attention score (float32, or the export dtype)
-where n is the number of entries the head kept (every token for a dense cache). Keys and values are float32 unless
+where n is the number of entries the head kept (every token for a dense cache; in a layer with a sliding window
+(format 1.6), the positions it holds, `geometry.first_position(l)` … tokens − 1). Keys and values are float32 unless
 asked otherwise. The safetensors metadata (strings) holds `kvc.format` (the file's format version), `kvc.layout`,
-`layers`, `kv_heads`, `head_dim`, `tokens`, and `kvc.header`: the whole `.kvc` header as JSON (model fingerprint,
+`layers`, `kv_heads`, `head_dim`, `tokens`, `kvc.windows` (only in a file with windows: the `cache.windows` array as
+JSON, null for a full-attention layer), and `kvc.header`: the whole `.kvc` header as JSON (model fingerprint,
 prompt token ids, settings).
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from .atomic import AtomicFile
 from .constants import bfloat16_to_float32
-from .errors import MetadataError, UnsupportedVersionError
+from .errors import ExportError, MetadataError, UnsupportedVersionError
 from .reader import KvcReader, StoredArray, StoredLayer
 from .rope import apply_rope
 
@@ -47,11 +49,23 @@ def _check_keys_recoverable(reader: KvcReader) -> None:
         )
 
 
-def _heads(reader: KvcReader, stored: StoredLayer) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def check_unwindowed(reader: KvcReader, runtime: str) -> None:
+    """Refuse (ExportError) a file in which a sliding window leaves some layer fewer than `tokens` positions, for a
+    runtime whose cache holds every position of the document in every layer."""
+    g = reader.geometry
+    short = [layer for layer in range(g.layers) if g.held(layer) < g.tokens]
+    if short:
+        layer = short[0]
+        raise ExportError(f"layer {layer} has a sliding window of {g.windows[layer]} and holds only the last "
+                          f"{g.held(layer)} of the {g.tokens} positions: sliding-window caches cannot be exported to "
+                          f"{runtime} yet")
+
+
+def _heads(reader: KvcReader, layer: int, stored: StoredLayer) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     g = reader.geometry
     keys, values = _float32(stored.keys), _float32(stored.values)
-    if stored.positions is None:
-        positions = np.arange(g.tokens, dtype=np.int32)
+    if stored.positions is None:  # dense: row t is position first + t
+        positions = np.arange(g.first_position(layer), g.tokens, dtype=np.int32)
         return [(keys[h], values[h], positions) for h in range(g.kv_heads)]
     if g.key_rope == "removed":
         with np.errstate(over="ignore", invalid="ignore"):
@@ -70,7 +84,7 @@ def iter_layer_heads(reader: KvcReader) -> Iterator[tuple[int, list[tuple[np.nda
     _check_keys_recoverable(reader)
     reader.check_padding()  # as `verify` does: no checksum covers the padding
     for layer, stored in reader.iter_layers():
-        yield layer, _heads(reader, stored)
+        yield layer, _heads(reader, layer, stored)
 
 
 def iter_heads(reader: KvcReader) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -104,9 +118,12 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def metadata(reader: KvcReader) -> dict[str, str]:
     g = reader.geometry
-    return {"kvc.format": "{}.{}".format(*reader.version), "kvc.layout": g.layout, "layers": str(g.layers),
-            "kv_heads": str(g.kv_heads), "head_dim": str(g.head_dim), "tokens": str(g.tokens),
-            "kvc.header": json.dumps(reader.header, ensure_ascii=False)}
+    meta = {"kvc.format": "{}.{}".format(*reader.version), "kvc.layout": g.layout, "layers": str(g.layers),
+            "kv_heads": str(g.kv_heads), "head_dim": str(g.head_dim), "tokens": str(g.tokens)}
+    if g.windows is not None:
+        meta["kvc.windows"] = json.dumps(list(g.windows))
+    meta["kvc.header"] = json.dumps(reader.header, ensure_ascii=False)
+    return meta
 
 
 def safetensors_header(entries: dict) -> bytes:

@@ -18,7 +18,8 @@ so that within a head channel 2j holds Hugging Face's channel j and 2j+1 holds j
 In a quantized cache (q8_0) llama.cpp stores K and V rotated by a 64-wide
 Walsh-Hadamard matrix per head (and rotates queries and outputs to match); the export does the same.
 A cell holds one position for every layer and head, and the mask compares positions, so a cache with gaps works
-(new tokens go at the largest position + 1); a cache pruned per head cannot be held.
+(new tokens go at the largest position + 1); a cache pruned per head cannot be held, nor (yet) one whose
+sliding-window layers (format 1.6) hold fewer positions than the others.
 
 llama.cpp checks the layer count, the types, the row sizes and `v_trans` against its context, and nothing about
 the model: `check_model` compares the `.kvc`'s recorded model with the GGUF file the runtime will load.
@@ -34,7 +35,7 @@ import numpy as np
 
 from .atomic import AtomicFile
 from .errors import ExportError
-from .export import iter_layer_heads
+from .export import check_unwindowed, iter_layer_heads
 from .gguf import read_metadata, vocab_digest
 from .reader import KvcReader
 
@@ -175,6 +176,7 @@ def export_llama_cpp(src: str | os.PathLike, dst: str | os.PathLike, gguf: str |
         raise ExportError("llama.cpp holds quantized V only untransposed: q8_0 needs flash attention on")
     with KvcReader(src) as reader:
         g, header = reader.geometry, reader.header
+        check_unwindowed(reader, "llama.cpp")  # cells are shared by all layers
         check_model(header, gguf)
         if len({n for layer in range(g.layers) for n in reader.head_counts(layer)}) > 1:
             raise _per_head_pruned()

@@ -18,7 +18,8 @@ Written for mlx-lm 0.32.2 (the version the tests run), whose `KVCache` state is 
 writes the tokens alone, which loads the same: the next token goes at the offset either way.
 
 MLX-LM's cache has no positions: entry i is token i, so only a cache that keeps every token of every head can be
-written (dense, or quantized at --ratio 1).
+written (dense, or quantized at --ratio 1), and not one whose sliding-window layers (format 1.6) hold only the last
+positions of the document.
 """
 
 import json
@@ -28,7 +29,7 @@ import numpy as np
 
 from .atomic import AtomicFile
 from .errors import ExportError
-from .export import EXPORT_DTYPES, iter_layer_heads, safetensors_header
+from .export import EXPORT_DTYPES, check_unwindowed, iter_layer_heads, safetensors_header
 from .reader import KvcReader
 
 CACHE_CLASS = "KVCache"
@@ -37,6 +38,7 @@ DEFAULT_TOKENIZER_CONFIG = {"trust_remote_code": False}
 
 
 def _check_dense(reader: KvcReader) -> None:
+    check_unwindowed(reader, "MLX-LM")  # first: a windowed layer would otherwise be called pruned
     g = reader.geometry
     if any(kept != g.kv_heads * g.tokens for kept in reader.kept_per_layer()):
         raise ExportError("this .kvc is pruned and MLX-LM's cache has no gaps: export a file compressed with "
@@ -82,10 +84,11 @@ def export_mlx(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
                tokenizer_config: dict | None = None) -> int:
     """Write `src` (.kvc) as an MLX-LM prompt-cache file at `dst`, atomically and a batch of layers at a time,
     refusing a damaged file as `KvcReader.verify` does (structure, padding, every section's checksum as it is read)
-    and a pruned one with `ExportError`. `model` is the path or Hugging Face repo MLX-LM is to load (default: the
-    model name the `.kvc` records); `tokenizer_config` its tokenizer options (default: cache_prompt's). Keys and
-    values are float16 (exactly a lossless `.kvc`'s 16-bit floats; from 4-bit files the same answers as float32 in
-    MLX-LM, examples/results/edge-mlx.md) or float32. Returns the bytes written."""
+    and a pruned one, or one whose sliding windows leave a layer fewer than every position, with `ExportError`.
+    `model` is the path or Hugging Face repo MLX-LM is to load (default: the model name the `.kvc` records);
+    `tokenizer_config` its tokenizer options (default: cache_prompt's). Keys and values are float16 (exactly a
+    lossless `.kvc`'s 16-bit floats; from 4-bit files the same answers as float32 in MLX-LM,
+    examples/results/edge-mlx.md) or float32. Returns the bytes written."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, not {dtype!r}")
     np_dtype = EXPORT_DTYPES[dtype][1]

@@ -36,17 +36,19 @@ def encode_positions(per_head: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nda
     return counts.astype(np.int32), gaps.astype(np.int32)
 
 
-def decode_positions(counts: np.ndarray, gaps: np.ndarray, tokens: int) -> tuple[np.ndarray, ...]:
-    """Per-head absolute positions (int64) from counts and gaps; MetadataError unless every rule of §4 holds."""
+def decode_positions(counts: np.ndarray, gaps: np.ndarray, tokens: int, first: int = 0) -> tuple[np.ndarray, ...]:
+    """Per-head absolute positions (int64) from counts and gaps; MetadataError unless every rule of §4 holds, each
+    position in [first, tokens) (`first` > 0 in a layer whose sliding window holds only the last positions, §3)."""
     counts = np.asarray(counts, dtype=np.int64)
     gaps = np.asarray(gaps, dtype=np.int64)
     if counts.ndim != 1 or gaps.ndim != 1:
         raise MetadataError("counts and positions must be 1-D")
     if counts.size and counts.min() < 1:
         raise MetadataError(f"head {int(np.argmin(counts))} keeps no position (every head keeps at least one)")
-    if counts.size and counts.max() > tokens:
+    if counts.size and counts.max() > tokens - first:
         h = int(np.argmax(counts))
-        raise MetadataError(f"head {h} keeps {int(counts[h])} positions of a {tokens}-token cache")
+        held = f", whose window holds {tokens - first}" if first else ""
+        raise MetadataError(f"head {h} keeps {int(counts[h])} positions of a {tokens}-token cache{held}")
     if int(counts.sum()) != gaps.size:
         raise MetadataError(f"counts sum to {int(counts.sum())} but {gaps.size} positions are stored")
     if gaps.size and gaps.min() < 0:
@@ -65,4 +67,8 @@ def decode_positions(counts: np.ndarray, gaps: np.ndarray, tokens: int) -> tuple
     if last.size and last.max() >= tokens:
         h = int(np.argmax(last))
         raise MetadataError(f"head {h} keeps position {int(last[h])} of a {tokens}-token cache")
+    lowest = positions[starts]  # positions ascend within a head: its first is its smallest
+    if lowest.size and lowest.min() < first:
+        h = int(np.argmin(lowest))
+        raise MetadataError(f"head {h} keeps position {int(lowest[h])}, before {first}, the first its window holds")
     return tuple(positions[s:e] for s, e in zip(starts, ends, strict=True))

@@ -1,5 +1,6 @@
 """Validating `.kvc` reader. Everything is checked against caps and the file size before any allocation."""
 
+import dataclasses
 import os
 import struct
 import threading
@@ -107,10 +108,12 @@ class StoredArray(NamedTuple):
 
 
 class StoredLayer(NamedTuple):
-    """One layer. Dense: keys/values (kv_heads, tokens, head_dim), positions None. Pruned and quantized: keys/values
-    (kept, head_dim), row order head 0's kept positions first, and positions the per-head kept positions. A
-    quantized layer is dequantized to float32; when `geometry.key_rope` is "removed" its keys still need RoPE at
-    `positions`, unless the layer was read with the model's RoPE tables (`read_layers`)."""
+    """One layer. Dense: keys/values (kv_heads, held, head_dim), positions None: row t is position
+    `geometry.first_position(layer) + t` (held = `geometry.held(layer)`, every token unless the layer has a sliding
+    window). Pruned and quantized: keys/values (kept, head_dim), row order head 0's kept positions first, and
+    positions the per-head kept positions. A quantized layer is dequantized to float32; when `geometry.key_rope` is
+    "removed" its keys still need RoPE at `positions`, unless the layer was read with the model's RoPE tables
+    (`read_layers`)."""
 
     keys: StoredArray
     values: StoredArray
@@ -127,6 +130,25 @@ class CacheGeometry:
     exact_positions: int = 0  # quantized: positions below this are stored exactly
     key_rope: str = "applied"  # quantized: "removed" when the keys are stored before RoPE
     rope_inv_freq: tuple[float, ...] | None = None  # key_rope "removed": RoPE frequencies (None in 1.2 files)
+    # 1.6: per layer its sliding attention window W, or None for full attention; None when the file has no windows.
+    windows: tuple[int | None, ...] | None = None
+
+    def first_position(self, layer: int) -> int:
+        """The first position `layer` stores. In a layer of window W a token after the document attends only to the
+        document's last W − 1 positions, so only those are stored: tokens − (W − 1), or 0 without a window (or with
+        one longer than the document)."""
+        window = None if self.windows is None else self.windows[layer]
+        return 0 if window is None else max(0, self.tokens - (window - 1))
+
+    def held(self, layer: int) -> int:
+        """Positions `layer` stores: first_position(layer) … tokens − 1."""
+        return self.tokens - self.first_position(layer)
+
+    @property
+    def held_entries(self) -> int:
+        """(head, position) entries over all layers, as the model's own (windowed) cache holds them: kv_heads × the
+        sum of held(layer); layers × kv_heads × tokens without windows."""
+        return self.kv_heads * sum(self.held(layer) for layer in range(self.layers))
 
 
 def _parse_stream(entry, where: str, section_length: int) -> StreamInfo:
@@ -195,17 +217,36 @@ def _rope_inv_freq(cache: dict, head_dim: int, version: tuple[int, int]) -> tupl
     return tuple(freqs)
 
 
+def _windows(cache: dict, layers: int) -> tuple[int | None, ...] | None:
+    """`cache.windows` (1.6): one entry per layer, nil or a sliding window of 2 to MAX_TOKENS positions."""
+    if "windows" not in cache:
+        return None
+    windows = _field(cache, "windows", list, "header.cache")
+    if len(windows) != layers:
+        raise MetadataError(f"header.cache.windows has {len(windows)} entries for {layers} layers")
+    for layer, window in enumerate(windows):
+        if window is None:
+            continue
+        if type(window) is not int:  # a bool is not a window, nor is a float
+            raise MetadataError(f"header.cache.windows[{layer}] must be nil or int, not {type(window).__name__}")
+        if not 2 <= window <= MAX_TOKENS:
+            raise LimitError(f"header.cache.windows[{layer}] = {window} is outside [2, {MAX_TOKENS}]")
+    return tuple(windows)
+
+
 def _parse_geometry(header: dict, version: tuple[int, int]) -> CacheGeometry:
     cache = _field(header, "cache", dict, "header")
     layout = _field(cache, "layout", str, "header.cache")
     if layout not in LAYER_SECTION:
         raise UnsupportedVersionError(f"cache layout {layout!r} is not supported by this reader")
+    layers = _count(cache, "layers", "header.cache", 1, MAX_LAYERS)
     geometry = CacheGeometry(
-        layers=_count(cache, "layers", "header.cache", 1, MAX_LAYERS),
+        layers=layers,
         kv_heads=_count(cache, "kv_heads", "header.cache", 1, MAX_KV_HEADS),
         tokens=_count(cache, "tokens", "header.cache", 1, MAX_TOKENS),
         head_dim=_count(cache, "head_dim", "header.cache", 1, MAX_HEAD_DIM),
         layout=layout,
+        windows=_windows(cache, layers),
     )
     if layout == "quantized":
         key_rope = _field(cache, "key_rope", str, "header.cache")
@@ -213,8 +254,7 @@ def _parse_geometry(header: dict, version: tuple[int, int]) -> CacheGeometry:
             raise MetadataError(f"header.cache.key_rope {key_rope!r} is not one of {KEY_ROPE}")
         exact = _count(cache, "exact_positions", "header.cache", 0, geometry.tokens)
         inv_freq = _rope_inv_freq(cache, geometry.head_dim, version) if key_rope == "removed" else None
-        geometry = CacheGeometry(geometry.layers, geometry.kv_heads, geometry.tokens, geometry.head_dim, layout,
-                                 exact, key_rope, inv_freq)
+        geometry = dataclasses.replace(geometry, exact_positions=exact, key_rope=key_rope, rope_inv_freq=inv_freq)
     prompt = _field(header, "prompt", dict, "header")
     prefix_ids = _field(prompt, "prefix_ids", list, "header.prompt")
     if len(prefix_ids) != geometry.tokens:
@@ -231,7 +271,7 @@ class KvcReader:
     """Open a `.kvc` file and validate its structure (not yet the section checksums; see `verify`).
 
     >>> with KvcReader("doc.kvc") as r:
-    ...     keys, values, positions = r.read_layer(0)   # dense: (kv_heads, tokens, head_dim) each, positions None
+    ...     keys, values, positions = r.read_layer(0)   # dense: (kv_heads, held, head_dim) each, positions None
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -368,9 +408,9 @@ class KvcReader:
             if names != SECTION_STREAMS[kind]:
                 raise MetadataError(f"layer {layer} holds streams {names}, expected {SECTION_STREAMS[kind]}")
             if kind == "kv_layer":
-                n = g.kv_heads * g.tokens
+                n = g.kv_heads * g.held(layer)
             else:
-                n = _count(s.attrs, "kept", f"layer {layer} section", g.kv_heads, g.kv_heads * g.tokens)
+                n = _count(s.attrs, "kept", f"layer {layer} section", g.kv_heads, g.kv_heads * g.held(layer))
             expected = self._expected_streams(s, layer, n)
             for st in s.streams:
                 dtypes, want = expected[st.name]
@@ -386,7 +426,7 @@ class KvcReader:
             missing = sorted(set(range(g.layers)) - set(by_layer))
             raise LayoutError(f"layers {missing[:8]} have no section")
         if g.layout != "dense":
-            total = _count(self.header["cache"], "kept", "header.cache", 1, g.layers * g.kv_heads * g.tokens)
+            total = _count(self.header["cache"], "kept", "header.cache", 1, g.held_entries)
             if total != sum(kept.values()):
                 raise MetadataError(f"header.cache.kept = {total} but the layer sections keep {sum(kept.values())}")
         self._kept = [kept[i] for i in range(g.layers)]
@@ -436,7 +476,7 @@ class KvcReader:
         g = self.geometry
         ints = ("int32",)
         if s.type == "kv_layer":
-            dense = (g.kv_heads, g.tokens, g.head_dim)
+            dense = (g.kv_heads, g.held(layer), g.head_dim)
             return {"keys": (CACHE_DTYPES, dense), "values": (CACHE_DTYPES, dense)}
         if s.type == "kv_layer_pruned":
             rows = (n, g.head_dim)
@@ -504,16 +544,17 @@ class KvcReader:
 
     def _positions(self, layer: int, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         try:
-            return decode_positions(arrays["counts"], arrays["positions"], self.geometry.tokens)
+            return decode_positions(arrays["counts"], arrays["positions"], self.geometry.tokens,
+                                    self.geometry.first_position(layer))
         except MetadataError as exc:
             raise MetadataError(f"layer {layer}: {exc}") from None
 
     def head_counts(self, layer: int) -> list[int]:
         """Entries each KV head of `layer` keeps, with its positions validated (reads the section, decodes only its
-        positions)."""
+        positions); a dense layer's heads hold `geometry.held(layer)` each."""
         section = self._layers[layer]
         if section.type == "kv_layer":
-            return [self.geometry.tokens] * self.geometry.kv_heads
+            return [self.geometry.held(layer)] * self.geometry.kv_heads
         arrays, _ = self._read_arrays(section, ("counts", "positions"))
         return [len(p) for p in self._positions(layer, arrays)]
 
@@ -613,7 +654,7 @@ class KvcReader:
         return [s.length for s in self._layers]
 
     def kept_per_layer(self) -> list[int]:
-        """Entries kept per layer over all its heads, from the index (kv_heads × tokens for a dense cache)."""
+        """Entries kept per layer over all its heads, from the index (kv_heads × held(layer) for a dense cache)."""
         return list(self._kept)
 
     def close(self) -> None:

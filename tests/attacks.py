@@ -418,6 +418,60 @@ def bias_in_a_dense_file() -> bytes:
     return edited("dense-raw.kvc", edit)
 
 
+# --- sliding-window layers (format 1.6) -------------------------------------------------------------------------
+# dense-windows-zstd.kvc: windows [None, 128], layer 1 holds positions 373 … 499 (127 per head).
+
+def with_windows(name: str, windows: list) -> bytes:
+    """A golden file with `cache.windows` set as given, written as a 1.6 file."""
+    header, sections, _ = split(golden(name))
+    header["cache"]["windows"] = windows
+    return assemble(header, sections, minor=6)
+
+
+def windows_one_short() -> bytes:
+    """One entry for two layers: a reader indexing windows[layer] would read past the array."""
+    return with_windows("dense-windows-zstd.kvc", [128])
+
+
+def window_of_one() -> bytes:
+    """W = 1 would make first_l = tokens, a layer holding nothing (W = 0: past the end)."""
+    return with_windows("dense-windows-zstd.kvc", [None, 1])
+
+
+def window_of_zero() -> bytes:
+    return with_windows("dense-windows-zstd.kvc", [None, 0])
+
+
+def window_as_bool() -> bytes:
+    return with_windows("dense-windows-zstd.kvc", [None, True])
+
+
+def window_as_float() -> bytes:
+    return with_windows("dense-windows-zstd.kvc", [None, 128.0])
+
+
+def dense_window_with_full_shapes() -> bytes:
+    """A window on layer 1, whose kv_layer still holds every position (as a 1.5 writer stored it)."""
+    return with_windows("dense-zstd.kvc", [None, 128])
+
+
+def pruned_position_before_its_window() -> bytes:
+    """Layer 0 of pruned-zstd.kvc keeps the sinks 0 … 3; a window of 400 holds only positions 101 … 499."""
+    return with_windows("pruned-zstd.kvc", [400, None])
+
+
+def section_kept_beyond_its_window() -> bytes:
+    """Layer 0 keeps more than the 2 × 199 entries a window of 200 leaves it."""
+    return with_windows("pruned-zstd.kvc", [200, None])
+
+
+def header_kept_beyond_the_windows() -> bytes:
+    """cache.kept above kv_heads × Σ held_l (2 × (199 + 500)), refused before it is compared with the sections."""
+    def edit(header, sections):
+        header["cache"]["kept"] = 2 * (199 + 500) + 1
+    return edited("quantized-windows-rans.kvc", edit)
+
+
 ATTACKS = [
     Attack(1, "header length over the cap", header_length_over_cap, "LimitError"),
     Attack(1, "header length past the end of the file", header_length_past_end, "TruncatedError"),
@@ -467,4 +521,14 @@ ATTACKS = [
     Attack(5, "bias declared float32", bias_as_float32, "MetadataError"),
     Attack(9, "one layer's bias stored twice", bias_twice_for_one_layer, "LayoutError"),
     Attack(9, "a bias section in a dense file", bias_in_a_dense_file, "LayoutError"),
+    Attack(4, "windows one entry short of the layers", windows_one_short, "MetadataError"),
+    Attack(3, "a window of 1 position", window_of_one, "LimitError"),
+    Attack(3, "a window of 0 positions", window_of_zero, "LimitError"),
+    Attack(5, "a window declared as a bool", window_as_bool, "MetadataError"),
+    Attack(5, "a window declared as a float", window_as_float, "MetadataError"),
+    Attack(4, "a windowed dense layer with every position", dense_window_with_full_shapes, "MetadataError"),
+    Attack(3, "a pruned position before its layer's window", pruned_position_before_its_window, "MetadataError",
+           "verify"),
+    Attack(1, "a section keeping more than its window holds", section_kept_beyond_its_window, "LimitError"),
+    Attack(1, "cache.kept beyond what the windows hold", header_kept_beyond_the_windows, "LimitError"),
 ]

@@ -12,7 +12,8 @@ Mutations: byte-level stacks (bit flips, boundary bytes, truncation, extension, 
 another golden file, boundary integers over u32/u64 fields) and structure-aware ones that rebuild the file with
 correct lengths, offsets and CRCs so the input reaches the deep code: random fields of the header and index msgpack
 (values, types, lists, maps), msgpack quirks, section payload bytes, decoded stream values (counts, gaps, steps,
-tables...), rANS states, codec and shape changes, dropped/duplicated/spliced sections, geometry edits.
+tables...), rANS states, codec and shape changes, dropped/duplicated/spliced sections, geometry edits (sliding windows
+included: the 1.6 golden files are among the seeds).
 
     python tests/fuzzing.py --seconds 600 --seed 1 --save-dir /tmp/fuzz-finds
     python tests/fuzzing.py --replay /tmp/fuzz-finds/exception-s1-i123.kvc
@@ -65,7 +66,7 @@ WORDS = ("", "x", "dense", "pruned", "quantized", "kv_layer", "kv_layer_pruned",
 KEYS = ("cache", "prompt", "model", "layout", "layers", "kv_heads", "tokens", "head_dim", "kept", "exact",
         "exact_positions", "key_rope", "prefix_ids", "question_prefix", "question_suffix", "sections", "type",
         "required", "offset", "length", "crc32", "streams", "layer", "name", "codec", "params", "dtype", "shape",
-        "decoded_length", "shuffle", "lane_rows", "tables", "unknown")
+        "decoded_length", "shuffle", "lane_rows", "tables", "windows", "unknown")
 ODD_VALUES = (True, False, None, 0.5, -0.0, math.nan, math.inf, "", "7", b"\x00\x01", [], {}, [0], {"x": 1},
               2**64 - 1, -1)
 FLOAT_SPECIALS = (0.0, -0.0, math.nan, math.inf, -math.inf, 1e-45, 6.1e-5, 65504.0, 1e30, -1.0, 1.0)
@@ -574,7 +575,7 @@ def mutate_sections(doc: Doc, rng: random.Random, notes: list[str], goldens: lis
 def mutate_geometry(doc: Doc, rng: random.Random, notes: list[str]) -> None:
     """Header edits that keep the header self-consistent, so the index checks decide."""
     cache, prompt = doc.header["cache"], doc.header["prompt"]
-    op = rng.choice(("tokens", "exact_positions", "key_rope", "kept", "layout", "heads"))
+    op = rng.choice(("tokens", "exact_positions", "key_rope", "kept", "layout", "heads", "windows"))
     if op == "tokens":
         tokens = rng.choice((1, 2, cache["tokens"] - 1, cache["tokens"] + 1, 4096))
         cache["tokens"], prompt["prefix_ids"] = tokens, list(range(tokens))
@@ -586,6 +587,12 @@ def mutate_geometry(doc: Doc, rng: random.Random, notes: list[str]) -> None:
         cache["kept"] = cache.get("kept", 1) + rng.choice((-1, 1))
     elif op == "layout":
         cache["layout"] = rng.choice(("dense", "pruned", "quantized"))
+    elif op == "windows":  # windows that move a layer's first position (1.6), or none at all
+        if "windows" in cache and rng.random() < 0.3:
+            del cache["windows"]
+        else:
+            tokens = cache["tokens"]
+            cache["windows"] = [rng.choice((None, 2, 3, 128, 200, tokens, tokens + 1)) for _ in range(cache["layers"])]
     else:
         key = rng.choice(("kv_heads", "head_dim", "layers"))
         cache[key] = rng.choice((1, 2, 4, 8, cache[key] * 2))

@@ -6,8 +6,9 @@ invariants, but it is not a hardened reader: it does not attempt every check §4
 
     read_file(path) -> SpecFile(version, header, layers), each layer a SpecLayer(keys, values, positions, bias)
 
-keys/values are float32: [kv_heads, tokens, head_dim] for dense; [kept, head_dim] in kept order for pruned (stored
-floats widened) and quantized (dequantized per §4.3). positions is None for dense, else one int64 array per head.
+keys/values are float32: [kv_heads, held_l, head_dim] for dense (positions first_l … tokens − 1, §3: every position
+without windows); [kept, head_dim] in kept order for pruned (stored floats widened) and quantized (dequantized per
+§4.3). positions is None for dense, else one int64 array per head.
 bias is the layer's logit bias per kept row (§4.8), float32, or None.
 """
 
@@ -156,16 +157,33 @@ def decode_stream(section: bytes, entry: dict, extra=None) -> bytes | np.ndarray
     raise SpecError(f"unknown codec {codec!r}")
 
 
-def decode_positions(counts: np.ndarray, gaps: np.ndarray, tokens: int) -> list[np.ndarray]:
-    _check(bool(np.all((counts >= 1) & (counts <= tokens))) and int(counts.sum()) == len(gaps), "bad counts")
+def decode_positions(counts: np.ndarray, gaps: np.ndarray, tokens: int, first: int) -> list[np.ndarray]:
+    """§4.2: every head keeps 1 … held_l positions, each in [first_l, tokens)."""
+    _check(bool(np.all((counts >= 1) & (counts <= tokens - first))) and int(counts.sum()) == len(gaps), "bad counts")
     _check(bool(np.all(gaps >= 0)), "negative gap")
     ends = np.cumsum(counts)
     out = [np.cumsum(gaps[e - c:e].astype(np.int64) + 1) - 1 for c, e in zip(counts, ends, strict=True)]
     _check(all(p[-1] < tokens for p in out), "position >= tokens")
+    _check(all(p[0] >= first for p in out), "position < first_l")
     return out
 
 
-def read_layer(kind: str, section: bytes, entry: dict, cache: dict) -> SpecLayer:
+def windows(cache: dict) -> list:
+    """§3 `cache.windows`: one entry per layer, nil or an int 2 ≤ W ≤ 2^24; absent, no layer has a window."""
+    if "windows" not in cache:
+        return [None] * cache["layers"]
+    found = cache["windows"]
+    _check(isinstance(found, list) and len(found) == cache["layers"], "windows must hold one entry per layer")
+    _check(all(w is None or (type(w) is int and 2 <= w <= 1 << 24) for w in found), "bad window")
+    return found
+
+
+def first_position(window, tokens: int) -> int:
+    """§3: first_l = max(0, tokens − (W − 1)); 0 for a layer without a window."""
+    return 0 if window is None else max(0, tokens - (window - 1))
+
+
+def read_layer(kind: str, section: bytes, entry: dict, cache: dict, first: int) -> SpecLayer:
     streams = entry["streams"]
     _check([s["name"] for s in streams] == STREAMS[kind], f"bad streams in {kind}")
     by_name = {s["name"]: s for s in streams}
@@ -179,10 +197,14 @@ def read_layer(kind: str, section: bytes, entry: dict, cache: dict) -> SpecLayer
             return to_float32(data, s["dtype"], s["shape"])
         return np.frombuffer(data, DTYPES[s["dtype"]]).reshape(s["shape"])
 
+    held = cache["tokens"] - first
     if kind == "kv_layer":
+        dense = [cache["kv_heads"], held, cache["head_dim"]]
+        _check(by_name["keys"]["shape"] == dense and by_name["values"]["shape"] == dense, "dense shape != held_l")
         return SpecLayer(array("keys"), array("values"), None)
+    _check(cache["kv_heads"] <= entry["kept"] <= cache["kv_heads"] * held, "section kept outside [kv_heads, ×held_l]")
     counts, gaps = array("counts"), array("positions")
-    positions = decode_positions(counts, gaps, cache["tokens"])
+    positions = decode_positions(counts, gaps, cache["tokens"], first)
     _check(len(gaps) == entry["kept"], "section kept != positions")
     if kind == "kv_layer_pruned":
         return SpecLayer(array("keys"), array("values"), positions)
@@ -246,6 +268,7 @@ def read_file(path) -> SpecFile:
     cache = header["cache"]
     layout = cache["layout"]
     _check(layout in SECTION_TYPES, f"unknown layout {layout!r}")
+    firsts = [first_position(w, cache["tokens"]) for w in windows(cache)]
     layers: list[SpecLayer | None] = [None] * cache["layers"]
     biases: dict[int, np.ndarray] = {}
     block_end = 24 + header_length
@@ -270,13 +293,15 @@ def read_file(path) -> SpecFile:
             continue
         _check(kind == SECTION_TYPES[layout], f"section {kind} in a {layout} file")
         _check(layers[entry["layer"]] is None, "duplicate layer")
-        layers[entry["layer"]] = read_layer(kind, section, entry, cache)
+        layers[entry["layer"]] = read_layer(kind, section, entry, cache, firsts[entry["layer"]])
     _check(index_offset == -(-block_end // 64) * 64 and not any(data[block_end:index_offset]), "index not at next 64")
     _check(all(layer is not None for layer in layers), "missing layer section")
     for i, bias in biases.items():
         _check(len(bias) == len(layers[i].keys), "bias length != the layer's kept")
         layers[i].bias = bias
     if layout != "dense":
+        held = cache["kv_heads"] * sum(cache["tokens"] - first for first in firsts)
+        _check(1 <= cache["kept"] <= held, "cache.kept outside [1, kv_heads × Σ held_l]")
         _check(sum(len(layer.keys) for layer in layers) == cache["kept"], "cache.kept != sum of sections' kept")
     return SpecFile((major, minor), header, sections, layers)
 

@@ -49,8 +49,8 @@ def test_export_holds_every_head_as_the_reader_decodes_it(tmp_path, name):
                 positions = tensors[f"layers.{layer}.heads.{head}.positions"]
                 values = tensors[f"layers.{layer}.heads.{head}.values"]
                 assert positions.dtype == np.int32 and values.dtype == np.float32
-                if stored.positions is None:
-                    np.testing.assert_array_equal(positions, np.arange(g.tokens))
+                if stored.positions is None:  # dense: the positions the layer holds, all of them without a window
+                    np.testing.assert_array_equal(positions, np.arange(g.first_position(layer), g.tokens))
                 else:
                     np.testing.assert_array_equal(positions, stored.positions[head])
                 assert values.shape == (len(positions), g.head_dim)
@@ -58,6 +58,20 @@ def test_export_holds_every_head_as_the_reader_decodes_it(tmp_path, name):
             meta = f.metadata()
         assert json.loads(meta["kvc.header"]) == reader.header
         assert meta["kvc.format"] == "{}.{}".format(*reader.version) and meta["tokens"] == str(g.tokens)
+        if g.windows is None:
+            assert "kvc.windows" not in meta
+        else:
+            assert json.loads(meta["kvc.windows"]) == list(g.windows) == reader.header["cache"]["windows"]
+
+
+def test_windowed_layers_export_the_positions_they_hold():
+    dense, quantized = load_file(GOLDEN / "dense-windows-zstd.kvc"), load_file(GOLDEN / "quantized-windows-rans.kvc")
+    full = load_file(GOLDEN / "dense-zstd.kvc")  # the same cache, every layer holding every position
+    for head in range(2):
+        np.testing.assert_array_equal(dense[f"layers.0.heads.{head}.positions"], np.arange(500))
+        np.testing.assert_array_equal(dense[f"layers.1.heads.{head}.positions"], np.arange(373, 500))
+        np.testing.assert_array_equal(dense[f"layers.1.heads.{head}.keys"], full[f"layers.1.heads.{head}.keys"][373:])
+        np.testing.assert_array_equal(quantized[f"layers.0.heads.{head}.positions"], np.arange(301, 500))
 
 
 def test_float16_export(tmp_path):
@@ -100,6 +114,10 @@ def test_edge_command_line(tmp_path):
     assert done.returncode == 0 and out.exists(), done.stderr
     info = subprocess.run([*run, "info", str(GOLDEN / "pruned-zstd.kvc")], capture_output=True, text=True, timeout=120)
     assert json.loads(info.stdout)["cache"]["layout"] == "pruned"
+    info = subprocess.run([*run, "info", str(GOLDEN / "dense-windows-zstd.kvc")], capture_output=True, text=True,
+                          timeout=120)
+    cache = json.loads(info.stdout)["cache"]
+    assert cache["windows"] == [None, 128] and cache["held"] == [500, 127]
     bad = subprocess.run([*run, "verify", str(tmp_path / "missing.kvc")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
 

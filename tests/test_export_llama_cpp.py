@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kvc_format import ExportError, KvcFormatError, KvcReader
+from kvc_format import ExportError, KvcFormatError, KvcReader, KvcWriter, Stream
 from kvc_format.gguf import read_metadata
 from kvc_format.llama_cpp import MAGIC, STATE_VERSION, export_llama_cpp
 from kvzip_cli.cache_file import prefill_document, write_kvc
@@ -195,6 +195,39 @@ def test_a_file_with_a_logit_bias_is_refused(tmp_path, llama, model_gguf):
     with pytest.raises(ExportError, match="logit bias.*--no-logit-bias"):
         export_llama_cpp(path, tmp_path / "x.state", model_gguf)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.kvc"]
+
+
+def rewrite_with_windows(src, dst, windows: list) -> None:
+    """`src` (a dense .kvc) as a 1.6 file with `cache.windows`: each layer keeps only the positions its window holds."""
+    with KvcReader(src) as reader:
+        header, g = reader.header, reader.geometry
+        layers = reader.read_layers()
+    header["cache"]["windows"] = windows
+    g = replace(g, windows=tuple(windows))
+    with KvcWriter(dst, header) as w:
+        for layer, stored in enumerate(layers):
+            streams = []
+            for name, array in (("keys", stored.keys), ("values", stored.values)):
+                held = np.ascontiguousarray(array.data[:, g.first_position(layer):])
+                streams.append(Stream(name, array.dtype, held.shape, held.tobytes()))
+            w.add_section("kv_layer", {"layer": layer}, streams, codec="zstd")
+
+
+def test_a_sliding_window_cache_is_refused_unless_its_windows_hold_every_position(tmp_path, llama, model_gguf):
+    """llama.cpp's cells hold a position for every layer: a layer holding only its window's last positions cannot be
+    written; windows longer than the document change nothing."""
+    path = tmp_path / "d.kvc"
+    write_kvc(llama, path, codec="zstd", bits=16)
+    tokens, layers = len(llama.layout.prefix_ids), llama.lm.model.config.num_hidden_layers
+    rewrite_with_windows(path, tmp_path / "w.kvc", [33] + [None] * (layers - 1))
+    with pytest.raises(ExportError, match=f"layer 0 has a sliding window of 33 and holds only the last 32 of the "
+                                          f"{tokens} positions: sliding-window caches cannot be exported to llama.cpp"):
+        export_llama_cpp(tmp_path / "w.kvc", tmp_path / "x.state", model_gguf)
+    assert not (tmp_path / "x.state").exists()
+    rewrite_with_windows(path, tmp_path / "long.kvc", [tokens + 1] * layers)
+    export_llama_cpp(path, tmp_path / "d.state", model_gguf)
+    export_llama_cpp(tmp_path / "long.kvc", tmp_path / "long.state", model_gguf)
+    assert (tmp_path / "long.state").read_bytes() == (tmp_path / "d.state").read_bytes()
 
 
 def test_qwen2_file_is_refused(tmp_path, tiny_tokenizer, model_gguf):

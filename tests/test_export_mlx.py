@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_safetensors
 
 from kvc_format import ExportError, KvcFormatError, KvcReader, LayoutError, export_mlx, load_file
+from kvc_format.__main__ import main as kvc_format_main
 from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.pruning import score_context
 
@@ -21,7 +22,7 @@ from kvc_bytes import assemble, header_dict, raw_streams
 from test_pipeline import TEXT
 
 GOLDEN = Path(__file__).parent.parent / "format" / "golden"
-DENSE = sorted(p.name for p in GOLDEN.glob("dense-*.kvc"))
+DENSE = sorted(p.name for p in GOLDEN.glob("dense-*.kvc") if "windows" not in p.name)
 
 
 def expected_metadata(layers: int, model: str, tokenizer_config: str) -> dict[str, str]:
@@ -109,6 +110,29 @@ def test_pruned_files_are_refused(tmp_path, name):
     with pytest.raises(ExportError, match="pruned and MLX-LM's cache has no gaps.*--ratio 1.*--allocation position"):
         export_mlx(GOLDEN / name, tmp_path / "c.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["dense-windows-zstd.kvc", "quantized-windows-rans.kvc"])
+def test_sliding_window_files_are_refused_in_one_line(tmp_path, capsys, name):
+    """Layer 1 (dense) or 0 (quantized) holds only its window's last positions, which MLX-LM's KVCache cannot."""
+    layer, window, held = (1, 128, 127) if name.startswith("dense") else (0, 200, 199)
+    message = (f"layer {layer} has a sliding window of {window} and holds only the last {held} of the 500 positions: "
+               "sliding-window caches cannot be exported to MLX-LM yet")
+    with pytest.raises(ExportError, match=message):
+        export_mlx(GOLDEN / name, tmp_path / "c.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert kvc_format_main(["export", str(GOLDEN / name), str(tmp_path / "c.safetensors"), "--to", "mlx"]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n" and list(tmp_path.iterdir()) == []
+
+
+def test_windows_holding_every_position_export_as_before(tmp_path):
+    """A document shorter than its windows: every layer holds every position, and the export is unchanged."""
+    header, sections, _ = split((GOLDEN / "dense-zstd.kvc").read_bytes())
+    header["cache"]["windows"] = [501, None]
+    (tmp_path / "w.kvc").write_bytes(assemble(header, sections, minor=6))
+    export_mlx(GOLDEN / "dense-zstd.kvc", tmp_path / "plain.safetensors")
+    export_mlx(tmp_path / "w.kvc", tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
 
 
 def test_a_file_with_a_logit_bias_is_refused(tmp_path, prefilled):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kvc_format import (
     MINOR_VERSION,
     BadMagicError,
+    CacheGeometry,
     ChecksumError,
     CodecError,
     KvcReader,
@@ -516,3 +517,128 @@ def test_header_kept_must_match_sections(tmp_path):
 def test_section_type_must_match_layout(tmp_path, kept, make):
     with pytest.raises(LayoutError, match="cache holds a"):
         KvcReader(write(tmp_path, assemble(header_dict(kept=kept), [make(0), make(1)])))
+
+
+# --- sliding-window layers (format 1.6) -----------------------------------------------------------------------
+
+def test_geometry_without_windows_holds_every_position():
+    g = CacheGeometry(layers=3, kv_heads=2, tokens=17, head_dim=8)
+    assert g.windows is None
+    assert [g.first_position(layer) for layer in range(3)] == [0, 0, 0]
+    assert [g.held(layer) for layer in range(3)] == [17, 17, 17]
+    assert g.held_entries == 3 * 2 * 17
+
+
+def test_geometry_with_windows():
+    # A window of W holds the last W - 1 positions; one reaching the document's start holds them all.
+    g = CacheGeometry(layers=4, kv_heads=2, tokens=17, head_dim=8, windows=(None, 5, 18, 2))
+    assert [g.first_position(layer) for layer in range(4)] == [0, 13, 0, 16]
+    assert [g.held(layer) for layer in range(4)] == [17, 4, 17, 1]
+    assert g.held_entries == 2 * (17 + 4 + 17 + 1)
+
+
+def write_windowed(path, arrays: list[tuple[np.ndarray, np.ndarray]], tokens: int, windows: list) -> dict:
+    """A dense file whose layers store (kv_heads, held, head_dim) keys and values, with `cache.windows`."""
+    kv_heads, _, head_dim = arrays[0][0].shape
+    header = header_dict(layers=len(arrays), kv_heads=kv_heads, tokens=tokens, head_dim=head_dim)
+    header["cache"]["windows"] = windows
+    with KvcWriter(path, header) as w:
+        for i, (k, v) in enumerate(arrays):
+            streams = [Stream("keys", "float16", k.shape, k.tobytes()),
+                       Stream("values", "float16", v.shape, v.tobytes())]
+            w.add_section("kv_layer", {"layer": i}, streams, codec="zstd")
+    return header
+
+
+def test_dense_windowed_round_trip(tmp_path):
+    rng = np.random.default_rng(16)
+    tokens, windows = 20, [None, 6, 25, 21]  # held: 20, 5, 20 (window past the start), 20 (exactly the document)
+    held = [20, 5, 20, 20]
+    arrays = [(random_array(rng, (2, n, 4), "<f2"), random_array(rng, (2, n, 4), "<f2")) for n in held]
+    path = tmp_path / "w.kvc"
+    header = write_windowed(path, arrays, tokens, windows)
+    with KvcReader(path) as r:
+        r.verify()
+        assert r.header == header and r.version == (1, MINOR_VERSION) == (1, 6)
+        assert r.geometry.windows == (None, 6, 25, 21)
+        assert [r.geometry.first_position(layer) for layer in range(4)] == [0, 15, 0, 0]
+        assert r.kept_per_layer() == [2 * n for n in held] and r.geometry.held_entries == 2 * sum(held)
+        for i, (k, v) in enumerate(arrays):
+            assert r.head_counts(i) == [held[i]] * 2
+            keys, values, positions = r.read_layer(i)
+            assert positions is None and keys.data.shape == (2, held[i], 4)
+            np.testing.assert_array_equal(keys.data, k)
+            np.testing.assert_array_equal(values.data, v)
+
+
+def test_windows_of_nil_only_read_as_no_windows(tmp_path):
+    rng = np.random.default_rng(17)
+    arrays = [(random_array(rng, (2, 9, 4), "<f2"), random_array(rng, (2, 9, 4), "<f2")) for _ in range(2)]
+    write_windowed(tmp_path / "w.kvc", arrays, 9, [None, None])
+    with KvcReader(tmp_path / "w.kvc") as r:
+        r.verify()
+        assert r.geometry.windows == (None, None) and r.kept_per_layer() == [18, 18]
+
+
+@pytest.mark.parametrize("windows,error,match", [
+    ({"0": 4}, MetadataError, "windows must be list"),
+    ([4], MetadataError, "1 entries for 2 layers"),
+    ([None, 4, None], MetadataError, "3 entries for 2 layers"),
+    ([None, 1], LimitError, r"windows\[1\] = 1 is outside \[2, 16777216\]"),
+    ([-3, None], LimitError, r"windows\[0\] = -3"),
+    ([None, 2**24 + 1], LimitError, "outside"),
+    ([False, None], MetadataError, "nil or int, not bool"),
+    ([None, 4.0], MetadataError, "nil or int, not float"),
+    ([None, "4"], MetadataError, "nil or int, not str"),
+])
+def test_bad_windows_are_refused(tmp_path, windows, error, match):
+    header = header_dict()
+    header["cache"]["windows"] = windows
+    with pytest.raises(error, match=match):
+        KvcReader(write(tmp_path, assemble(header, [raw_layer(0), raw_layer(1)], minor=6)))
+
+
+def test_dense_windowed_layer_must_hold_only_its_window(tmp_path):
+    header = header_dict()  # 5 tokens: a window of 3 holds positions 3 and 4
+    header["cache"]["windows"] = [3, None]
+    with pytest.raises(MetadataError, match=r"layer 0 keys has shape \[2, 5, 4\], expected \[2, 2, 4\]"):
+        KvcReader(write(tmp_path, assemble(header, [raw_layer(0), raw_layer(1)], minor=6)))
+    open_and_verify(write(tmp_path, assemble(header, [raw_layer(0, tokens=2), raw_layer(1)], minor=6)))
+
+
+def test_windowed_pruned_positions(tmp_path):
+    """A window of 3 on layer 0 of the 5-token pruned file: it holds positions 3 and 4 only."""
+    def pruned(layer0):
+        header = header_dict(kept=len(layer0[1]) + len(PRUNED[1][1]))
+        header["cache"]["windows"] = [3, None]
+        sections = [pruned_layer(0, *layer0), pruned_layer(1, *PRUNED[1])]
+        return write(tmp_path, assemble(header, sections, minor=6))
+
+    with KvcReader(pruned(([2, 1], [3, 0, 4]))) as r:  # heads keep [3, 4] and [4]
+        r.verify()
+        assert [p.tolist() for p in r.read_layer(0).positions] == [[3, 4], [4]]
+        assert r.head_counts(0) == [2, 1] and r.kept_per_layer() == [3, 3]
+    with KvcReader(pruned(([1, 2], [4, 2, 0]))) as r:  # head 1 keeps [2, 3]: 2 is before the window
+        with pytest.raises(MetadataError, match="layer 0: head 1 keeps position 2, before 3"):
+            r.read_layer(0)
+        with pytest.raises(MetadataError, match="before 3"):
+            r.head_counts(0)
+    with pytest.raises(LimitError, match=r"layer 0 section.kept = 5 is outside \[2, 4\]"):
+        KvcReader(pruned(([3, 2], [2, 0, 0, 3, 0])))
+
+
+def test_windowed_pruned_header_kept_is_bounded_by_the_windows(tmp_path):
+    header = header_dict(kept=2 * (2 + 5) + 1)
+    header["cache"]["windows"] = [3, None]
+    sections = [pruned_layer(0, [2, 1], [3, 0, 4]), pruned_layer(1, *PRUNED[1])]
+    with pytest.raises(LimitError, match=r"header.cache.kept = 15 is outside \[1, 14\]"):
+        KvcReader(write(tmp_path, assemble(header, sections, minor=6)))
+
+
+def test_decode_positions_within_a_window():
+    counts, gaps = encode_positions([np.array([7, 9]), np.array([8])])
+    assert [p.tolist() for p in decode_positions(counts, gaps, 10, first=7)] == [[7, 9], [8]]
+    with pytest.raises(MetadataError, match="head 0 keeps position 7, before 8, the first its window holds"):
+        decode_positions(counts, gaps, 10, first=8)
+    with pytest.raises(MetadataError, match="head 0 keeps 2 positions of a 10-token cache, whose window holds 1"):
+        decode_positions(counts, gaps, 10, first=9)

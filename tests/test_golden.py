@@ -15,11 +15,15 @@ EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 
 def test_every_golden_file_is_recorded():
     assert sorted(EXPECTED) == sorted(p.name for p in GOLDEN.glob("*.kvc"))
-    codecs = set()
+    codecs, windowed = set(), set()
     for name in EXPECTED:
         with KvcReader(GOLDEN / name) as r:
             codecs |= {s.codec for section in r.sections for s in section.streams}
+            g = r.geometry
+            if any(g.held(layer) < g.tokens for layer in range(g.layers)):
+                windowed.add(g.layout)
     assert codecs == {"raw", "zstd", "rans"}  # every codec has a golden file
+    assert windowed == {"dense", "quantized"}  # 1.6: sliding-window layers holding only their last positions
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -58,10 +58,13 @@ def test_value_error_is_within_half_a_step(rows, bits, group, seed):
     assert (error <= bound).all()
 
 
-def write_quantized(path, layers: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]], q: Quantization) -> None:
+def write_quantized(path, layers: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]], q: Quantization,
+                    windows: list | None = None) -> None:
     kept = sum(len(np.concatenate(p)) for _, _, p in layers)
     header = header_dict(layers=len(layers), kv_heads=HEADS, tokens=TOKENS, head_dim=DIM, kept=kept)
     header["cache"].update(layout="quantized", exact_positions=q.exact_positions, key_rope="applied")
+    if windows is not None:
+        header["cache"]["windows"] = windows
     with KvcWriter(path, header) as w:
         for i, (k, v, positions) in enumerate(layers):
             encoded = encode_layer(k, v, positions, q)
@@ -103,6 +106,30 @@ def test_file_round_trip_reproduces_the_quantizer(tmp_path, coder, mode, bits):
                 v[~exact], bits, 4)
             np.testing.assert_array_equal(stored.keys.data[~exact], want_k)
             np.testing.assert_array_equal(stored.values.data[~exact], dequantize_values(code))
+
+
+def test_windowed_layers_round_trip_unpruned(tmp_path):
+    """Format 1.6: layer 0 has a window of 100 and keeps the 99 positions it holds (none of them an exact sink row),
+    layer 1 none; an unpruned windowed cache keeps kv_heads × Σ held entries."""
+    rng = np.random.default_rng(5)
+    held = [np.arange(TOKENS - 99, TOKENS), np.arange(TOKENS)]
+    layers = [(kv_rows(rng, HEADS * len(p)), kv_rows(rng, HEADS * len(p)), [p] * HEADS) for p in held]
+    q = Quantization(value_group=4, exact_positions=3)
+    write_quantized(tmp_path / "w.kvc", layers, q, windows=[100, None])
+    with KvcReader(tmp_path / "w.kvc") as r:
+        r.verify()
+        g = r.geometry
+        assert [g.first_position(layer) for layer in range(2)] == [TOKENS - 99, 0]
+        assert sum(r.kept_per_layer()) == r.header["cache"]["kept"] == g.held_entries == HEADS * (99 + TOKENS)
+        assert [s.attrs["exact"] for s in r.sections] == [0, HEADS * 3]
+        for (k, v, positions), stored in zip(layers, r.read_layers(), strict=True):
+            assert [list(p) for p in stored.positions] == [list(p) for p in positions]
+            exact = np.concatenate([p < 3 for p in positions])
+            rows_q = np.array([(p >= 3).sum() for p in positions])
+            np.testing.assert_array_equal(stored.keys.data[~exact],
+                                          dequantize_keys(quantize_keys(k[~exact], rows_q, q.key_step), rows_q))
+            np.testing.assert_array_equal(stored.values.data[~exact],
+                                          dequantize_values(quantize_values_uniform(v[~exact], q.value_step, 4)))
 
 
 def test_minmax_step_is_never_negative():

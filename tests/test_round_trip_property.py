@@ -16,40 +16,59 @@ from spec_reader import read_file
 FLOATS = {"float32": "<f4", "float16": "<f2"}
 
 
+def first_position(window: int | None, tokens: int) -> int:
+    """SPEC.md §3: a layer of window W stores positions tokens − (W − 1) … tokens − 1 (all of them without one)."""
+    return 0 if window is None else max(0, tokens - (window - 1))
+
+
 @st.composite
 def caches(draw):
-    """(layers, heads, tokens, dim, per-layer (keys (heads, tokens, dim), values, per-head kept positions))."""
+    """(layers, heads, tokens, dim, per-layer (keys (heads, held, dim), values, per-head kept positions), windows):
+    `windows` is None, or per layer None or a sliding window (1.6), which leaves the layer positions first … tokens − 1
+    (keys and values hold those, row t position first + t)."""
     layers, heads = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     tokens, dim = draw(st.integers(1, 300)), draw(st.sampled_from([2, 4, 8, 16, 64]))
+    windows = draw(st.none() | st.lists(st.none() | st.integers(2, tokens + 2), min_size=layers, max_size=layers))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     keep = draw(st.floats(0.05, 1.0))
     content = []
-    for _ in range(layers):
+    for layer in range(layers):
+        first = first_position(None if windows is None else windows[layer], tokens)
+        held = tokens - first
         scale = rng.uniform(0.05, 4, dim).astype(np.float32)
-        keys = (rng.standard_normal((heads, tokens, dim)) * scale).astype(np.float32)
-        values = rng.laplace(0, 1, (heads, tokens, dim)).astype(np.float32)
-        positions = [np.sort(rng.choice(tokens, max(1, int(keep * tokens)), replace=False)) for _ in range(heads)]
+        keys = (rng.standard_normal((heads, held, dim)) * scale).astype(np.float32)
+        values = rng.laplace(0, 1, (heads, held, dim)).astype(np.float32)
+        positions = [first + np.sort(rng.choice(held, max(1, int(keep * held)), replace=False)) for _ in range(heads)]
         content.append((keys, values, positions))
-    return layers, heads, tokens, dim, content
+    return layers, heads, tokens, dim, content, windows
 
 
-def rows(array: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([array[h, p] for h, p in enumerate(positions)])
+def with_windows(header: dict, windows: list | None) -> dict:
+    if windows is not None:
+        header["cache"]["windows"] = windows
+    return header
+
+
+def rows(array: np.ndarray, positions: list[np.ndarray], tokens: int) -> np.ndarray:
+    """The kept rows of `array` (heads, held, dim), whose last row is position tokens − 1."""
+    first = tokens - array.shape[1]
+    return np.concatenate([array[h, p - first] for h, p in enumerate(positions)])
 
 
 @settings(max_examples=40, deadline=None)
 @given(cache=caches(), dtype=st.sampled_from(["float32", "float16"]), codec=st.sampled_from(["raw", "zstd"]),
        pruned=st.booleans())
 def test_float_layouts_round_trip_exactly(tmp_path_factory, cache, dtype, codec, pruned):
-    layers, heads, tokens, dim, content = cache
+    layers, heads, tokens, dim, content, windows = cache
     kept = sum(len(p) for _, _, per_head in content for p in per_head)
-    header = header_dict(layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim, kept=kept if pruned else None)
+    header = with_windows(header_dict(layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim,
+                                      kept=kept if pruned else None), windows)
     path = tmp_path_factory.mktemp("rt") / "x.kvc"
     stored = []
     with KvcWriter(path, header) as w:
         for i, (k, v, positions) in enumerate(content):
             if pruned:
-                k, v = rows(k, positions), rows(v, positions)
+                k, v = rows(k, positions, tokens), rows(v, positions, tokens)
             k, v = k.astype(FLOATS[dtype]), v.astype(FLOATS[dtype])
             streams = [Stream("keys", dtype, k.shape, k.tobytes()), Stream("values", dtype, v.shape, v.tobytes())]
             if pruned:
@@ -71,9 +90,9 @@ def test_float_layouts_round_trip_exactly(tmp_path_factory, cache, dtype, codec,
         np.testing.assert_array_equal(mine.keys, layer.keys.data.astype(np.float32))
     exported = load_file(path)
     assert len(exported) == 3 * layers * heads
-    for i, (_, _, positions) in enumerate(content):
+    for i, (k, _, positions) in enumerate(content):
         for h in range(heads):
-            want = positions[h] if pruned else np.arange(tokens)
+            want = positions[h] if pruned else np.arange(tokens - k.shape[1], tokens)
             np.testing.assert_array_equal(exported[f"layers.{i}.heads.{h}.positions"], want)
 
 
@@ -83,12 +102,12 @@ def test_float_layouts_round_trip_exactly(tmp_path_factory, cache, dtype, codec,
        exact_positions=st.integers(0, 8), coder=st.sampled_from(["rans", "zstd", "raw"]), rope=st.booleans())
 def test_quantized_layout_round_trips_the_quantizer(tmp_path_factory, cache, mode, bits, value_step, key_step, group,
                                                      exact_positions, coder, rope):
-    layers, heads, tokens, dim, content = cache
+    layers, heads, tokens, dim, content, windows = cache
     group, exact_positions = min(group, dim), min(exact_positions, tokens)
     q = Quantization(value_mode=mode, value_bits=bits, value_step=value_step, value_group=group, key_step=key_step,
                      exact_positions=exact_positions, coder=coder)
     kept = sum(len(p) for _, _, per_head in content for p in per_head)
-    header = header_dict(layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim, kept=kept)
+    header = with_windows(header_dict(layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim, kept=kept), windows)
     header["cache"].update(layout="quantized", exact_positions=exact_positions,
                            key_rope="removed" if rope else "applied")
     inv_freq = [float(np.float32(10000.0 ** (-2 * i / dim))) for i in range(dim // 2)]
@@ -97,7 +116,7 @@ def test_quantized_layout_round_trips_the_quantizer(tmp_path_factory, cache, mod
     path = tmp_path_factory.mktemp("rt") / "q.kvc"
     with KvcWriter(path, header) as w:
         for i, (k, v, positions) in enumerate(content):
-            encoded = encode_layer(rows(k, positions), rows(v, positions), positions, q)
+            encoded = encode_layer(rows(k, positions, tokens), rows(v, positions, tokens), positions, q)
             w.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams, codec="zstd")
     with KvcReader(path) as r:
         r.verify()
@@ -105,7 +124,7 @@ def test_quantized_layout_round_trips_the_quantizer(tmp_path_factory, cache, mod
     exported = load_file(path)
     spec = read_file(path)
     for i, ((k, v, positions), layer, mine) in enumerate(zip(content, decoded, spec.layers, strict=True)):
-        k, v = rows(k, positions), rows(v, positions)
+        k, v = rows(k, positions, tokens), rows(v, positions, tokens)
         exact = np.concatenate([p < exact_positions for p in positions])
         rows_q = np.array([(p >= exact_positions).sum() for p in positions])
         np.testing.assert_array_equal(layer.keys.data[exact], k[exact].astype(np.float16).astype(np.float32))

@@ -10,6 +10,7 @@ import pytest
 
 from kvc_format import KvcReader, load_file
 
+import attacks
 from spec_reader import SpecError, SpecLayer, keys_with_rope, read_file
 
 GOLDEN = Path(__file__).parent.parent / "format" / "golden"
@@ -90,6 +91,17 @@ def test_spec_reader_refuses_a_corrupt_section(tmp_path):
     data[first["offset"] + first["length"] // 2] ^= 1
     (tmp_path / "bad.kvc").write_bytes(bytes(data))
     with pytest.raises(SpecError, match="section CRC-32"):
+        read_file(tmp_path / "bad.kvc")
+
+
+@pytest.mark.parametrize("build", [attacks.windows_one_short, attacks.window_of_one, attacks.window_as_bool,
+                                   attacks.window_as_float, attacks.dense_window_with_full_shapes,
+                                   attacks.pruned_position_before_its_window, attacks.section_kept_beyond_its_window,
+                                   attacks.header_kept_beyond_the_windows], ids=lambda build: build.__name__)
+def test_spec_reader_refuses_bad_windows(tmp_path, build):
+    """§3, §4.1 and §4.2 alone are enough to refuse the crafted sliding-window files the reference reader refuses."""
+    (tmp_path / "bad.kvc").write_bytes(build())
+    with pytest.raises(SpecError):
         read_file(tmp_path / "bad.kvc")
 
 

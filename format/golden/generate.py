@@ -8,7 +8,10 @@ decoding them exactly as this version did. Files of format 1.2: dense raw/zstd, 
 and raw-minmax. Of 1.3: dense bfloat16, and a quantized file exercising what the reference writer does not emit
 (keys stored without RoPE with their frequencies, bfloat16 exact rows, per-channel rANS tables on lanes of 100 rows,
 layer tables on lanes of the maximum 4096 rows, 4 value groups). Of 1.5: a pruned file with a logit bias on every
-layer (raw), and a quantized rANS file with one on layer 0 only (zstd).
+layer (raw), and a quantized rANS file with one on layer 0 only (zstd). Of 1.6, with `cache.windows`: a dense zstd
+file whose layer 1 has a sliding window of 128 (it holds positions 373 … 499) and layer 0 none, and a quantized rANS
+file whose layer 0 has a window of 200 and keeps all 199 positions it holds (no exact rows: the sinks are outside
+it), layer 1 none and pruned as the other files.
 """
 
 import hashlib
@@ -26,6 +29,7 @@ LAYERS, HEADS, TOKENS, DIM = 2, 2, 500, 16
 
 
 def header(layout: str, kept: int | None = None, **cache) -> dict:
+    """The header of a golden file; `cache` adds or replaces `cache` keys."""
     geometry = {"layout": layout, "layers": LAYERS, "kv_heads": HEADS, "tokens": TOKENS, "head_dim": DIM,
                 "computed_dtype": "float32", **cache}
     if kept is not None:
@@ -154,11 +158,46 @@ def write_1_5(keys, values, positions, kept) -> None:
                               codec="zstd")
 
 
+DENSE_WINDOWS = [None, 128]
+QUANTIZED_WINDOWS = [200, None]
+
+
+def first_position(window: int | None) -> int:
+    """The first position a layer of this window stores (SPEC.md §3)."""
+    return 0 if window is None else max(0, TOKENS - (window - 1))
+
+
+def write_1_6(keys, values, positions) -> None:
+    w = writer("dense-windows-zstd.kvc", header("dense", windows=DENSE_WINDOWS))
+    if w is not None:
+        with w:
+            for i, window in enumerate(DENSE_WINDOWS):
+                held = slice(first_position(window), TOKENS)
+                w.add_section("kv_layer", {"layer": i}, [stream("keys", "float16", keys[i][:, held].astype("<f2")),
+                                                         stream("values", "float16",
+                                                                values[i][:, held].astype("<f2"))],
+                              codec="zstd")
+    # Layer 0 keeps every position its window holds (the model's own cache, quantized), layer 1 its pruned subset.
+    kept_positions = [[np.arange(first_position(QUANTIZED_WINDOWS[0]), TOKENS)] * HEADS, positions[1]]
+    kept = sum(len(p) for per_head in kept_positions for p in per_head)
+    w = writer("quantized-windows-rans.kvc", header("quantized", kept, exact_positions=4, key_rope="applied",
+                                                    windows=QUANTIZED_WINDOWS))
+    if w is None:
+        return
+    with w:
+        for i, per_head in enumerate(kept_positions):
+            k = np.concatenate([keys[i][h, p] for h, p in enumerate(per_head)])
+            v = np.concatenate([values[i][h, p] for h, p in enumerate(per_head)])
+            encoded = encode_layer(k, v, per_head, Quantization(coder="rans", value_group=DIM))
+            w.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams, codec="zstd")
+
+
 def write_all() -> None:
     keys, values, positions = cache()
     kept = sum(len(p) for per_head in positions for p in per_head)
     write_1_3(keys, values, positions, kept)
     write_1_5(keys, values, positions, kept)
+    write_1_6(keys, values, positions)
     if (HERE / "dense-raw.kvc").exists():  # the 1.2 files
         return
     for codec in ("raw", "zstd"):
