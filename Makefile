@@ -13,7 +13,7 @@ STAMP := $(VENV)/.kvc-installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH := $(if $(HAS_GPU),torch,torch==2.13.0)
 comma := ,
-EXTRAS := test$(comma)bench$(comma)ray$(if $(HAS_GPU),$(comma)gpu)
+EXTRAS := test$(comma)bench$(comma)ray$(comma)gemma3$(if $(HAS_GPU),$(comma)gpu)
 DEMO_DOC := examples/docs/apache-2.0.txt
 DEMO_OUT := apache.kvc
 DEMO_QUESTION := Who is the licensor?

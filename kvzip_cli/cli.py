@@ -651,13 +651,13 @@ class CacheType(str, Enum):
 
 
 def _recorded_gguf(header: dict) -> Path | None:
-    """The GGUF file the .kvc's model was converted from, when it is known here: the embedded model's, or a .gguf
+    """The GGUF file the .kvc's model was converted from, when it is known here: a packaged model's, or a .gguf
     `--model` that still exists."""
-    from .model_files import EMBEDDED, embedded_gguf
+    from .model_files import PACKAGED, packaged_gguf
 
     name = str(header["model"].get("name") or "")
-    if name == EMBEDDED:
-        return embedded_gguf()
+    if name in PACKAGED:
+        return packaged_gguf(name)
     return Path(name) if name.endswith(".gguf") and Path(name).is_file() else None
 
 
@@ -894,31 +894,33 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def _packaged_info(alias: str) -> dict:
+    """A packaged model's state, without converting or assembling anything."""
+    from .model_files import PACKAGED, converted_location, is_converted, packaged_gguf
+
+    model = PACKAGED[alias]
+    info = {"alias": alias, "model": model.title, "package": model.package, "terms": model.terms, "installed": False,
+            "gguf": None, "converted": None, "error": None}
+    try:
+        gguf = packaged_gguf(alias, assemble=False)
+    except KvcError as exc:
+        return {**info, "error": str(exc)}
+    folder = converted_location(gguf) if gguf is not None else None
+    return {**info, "installed": True, "gguf": str(gguf) if gguf else None,
+            "converted": str(folder) if folder is not None and is_converted(folder) else None}
+
+
 def _models_info() -> dict:
     from huggingface_hub import try_to_load_from_cache
 
     from .families import TESTED_FAMILIES
-    from .model_files import (
-        EMBEDDED,
-        HUB_ALIASES,
-        cache_dir,
-        converted_location,
-        converted_models,
-        embedded_gguf,
-        is_converted,
-    )
+    from .model_files import EMBEDDED, HUB_ALIASES, PACKAGED, cache_dir, converted_models
 
-    try:
-        gguf = embedded_gguf()
-        folder = converted_location(gguf)
-        embedded = {"alias": EMBEDDED, "installed": True, "gguf": str(gguf), "converted": str(folder)
-                    if is_converted(folder) else None, "error": None}
-    except KvcError as exc:
-        embedded = {"alias": EMBEDDED, "installed": False, "gguf": None, "converted": None, "error": str(exc)}
+    packaged = [{**_packaged_info(alias), "default": alias == EMBEDDED} for alias in PACKAGED]
     aliases = [{"alias": alias, "hub_id": repo, "cached": isinstance(try_to_load_from_cache(repo, "config.json"), str)}
                for alias, repo in HUB_ALIASES.items()]
     converted = [{"folder": str(f), "bytes": _folder_bytes(f)} for f in converted_models()]
-    return {"embedded": embedded, "aliases": aliases, "families": TESTED_FAMILIES, "cache_dir": str(cache_dir()),
+    return {"packaged": packaged, "aliases": aliases, "families": TESTED_FAMILIES, "cache_dir": str(cache_dir()),
             "converted": converted}
 
 
@@ -934,10 +936,15 @@ def models(json_output: JsonOption = False):
     if json_output:
         _emit_json(info)
         return
-    e = info["embedded"]
-    state = ("converted" if e["converted"] else "not converted yet (the first use converts it, about 20 s)") if \
-        e["installed"] else e["error"]
-    typer.echo(f"embedded  {e['alias']:<14} SmolLM2-135M-Instruct, no network needed: {state}")
+    for p in info["packaged"]:
+        if p["error"]:
+            state = p["error"]
+        elif p["converted"]:
+            state = "converted"
+        else:
+            state = "installed, not converted yet (the first use converts it, about a minute)"
+        role = "default" if p["default"] else "packaged"
+        typer.echo(f"{role:<9} {p['alias']:<14} {p['model']}; no network needed; terms: {p['terms']}: {state}")
     for a in info["aliases"]:
         where = "in the local Hugging Face cache" if a["cached"] else "downloaded on first use (needs network)"
         typer.echo(f"alias     {a['alias']:<14} {a['hub_id']}: {where}")

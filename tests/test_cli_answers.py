@@ -103,11 +103,14 @@ def test_models_lists_aliases_families_and_conversions(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     data = json.loads(run("models", "--json").stdout)
-    assert {"smollm2", "qwen2", "llama"} <= {data["embedded"]["alias"], *(a["alias"] for a in data["aliases"])}
+    packaged = {p["alias"]: p for p in data["packaged"]}
+    assert packaged["smollm2"]["default"] and not packaged["gemma3"]["default"]
+    assert "Gemma Terms of Use" in packaged["gemma3"]["terms"] and packaged["gemma3"]["gguf"] is None  # not assembled
+    assert {"qwen2", "llama"} <= {a["alias"] for a in data["aliases"]}
     assert "Llama" in " ".join(data["families"]) and len(data["families"]) >= 10
     assert data["converted"] == [{"folder": str(folder), "bytes": 2}]
     text = run("models")
-    assert text.exit_code == 0 and "qwen2" in text.stdout and str(folder) in text.stdout
+    assert text.exit_code == 0 and "qwen2" in text.stdout and "gemma3" in text.stdout and str(folder) in text.stdout
 
 
 NO_MODEL = """

