@@ -1,7 +1,8 @@
 """Run the standard bench sweep over the example corpus and write examples/results/ (JSON per document, an
 averaged table, and a PNG), so results can be compared across commits.
 
-    python examples/bench_corpus.py [--peers [NAME,...]] [--scorers kvzip,...] [--allocations global,...]
+    python examples/bench_corpus.py [--model smollm2|gemma3|...] [--peers [NAME,...]] [--scorers kvzip,...]
+                                    [--allocations global,...]
                                     [--ratios 0.5,0.3,0.2,0.1] [--bits 16,4,...] [--presets lossless,...]
                                     [--refit on|values|off|both|all]
                                     [--out DIR] [DOC ...]
@@ -77,6 +78,7 @@ def main() -> None:
                         help="pruned settings refit with a logit bias (on), refit without it (values), not refit "
                              "(off), on and off side by side (both), or all three")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--model", default="smollm2", help="kvc --model (default: the embedded SmolLM2)")
     args = parser.parse_args()
     if args.peers:
         require_kvpress()
@@ -85,14 +87,14 @@ def main() -> None:
                         peers=names(args.peers), allocations=names(args.allocations) or (None,),
                         bits=tuple(int(b) for b in names(args.bits)), presets=names(args.presets),
                         refits=REFITS[args.refit])
-    write_results(measure(args.docs, sweep, args.out), args.out)
+    write_results(measure(args.docs, sweep, args.out, args.model), args.out)
     print((args.out / "summary.md").read_text())
 
 
-def measure(docs: list[Path], sweep: list, out: Path) -> list[dict]:
-    """Run `sweep` on each document with the embedded model; each document's JSON is written to `out` as it ends."""
+def measure(docs: list[Path], sweep: list, out: Path, model: str = "smollm2") -> list[dict]:
+    """Run `sweep` on each document with `model`; each document's JSON is written to `out` as it ends."""
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_model("smollm2")
+    lm = load_model(model)
     results = []
     for doc in docs:
         started = time.perf_counter()

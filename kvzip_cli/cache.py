@@ -16,8 +16,12 @@ import math
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from kvc_format import CacheGeometry
+
+from .rope import head_dim
 
 
 def layer_windows(config: PreTrainedConfig) -> list[int | None]:
@@ -30,6 +34,17 @@ def layer_windows(config: PreTrainedConfig) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
+def context_geometry(model: PreTrainedModel, tokens: int) -> CacheGeometry:
+    """A context of `tokens` as `model`'s own cache holds it: per layer every position, or a sliding-window layer's
+    last window − 1 (`windows`, None for a model without windows). kvc_format's geometry does the arithmetic."""
+    cfg = model.config.get_text_config(decoder=True)
+    windows = layer_windows(model.config)
+    return CacheGeometry(layers=cfg.num_hidden_layers,
+                         kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                         tokens=tokens, head_dim=head_dim(model),
+                         windows=tuple(windows) if any(w is not None for w in windows) else None)
+
+
 class SlidingContextLayer(DynamicLayer):
     """A dense sliding-window layer over a loaded context: the context's last `window − 1` entries (all that a
     later token can see) and every token appended since, so that the cache can be reset to the context
@@ -37,12 +52,14 @@ class SlidingContextLayer(DynamicLayer):
 
     is_sliding = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: int):
-        """keys/values (batch, kv_heads, context tokens, head_dim)."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: int, context_length: int):
+        """keys/values (batch, kv_heads, n, head_dim): the context's last n positions (all of them in a file
+        before format 1.6, the window's in later ones)."""
         super().__init__()
-        self.context_length = keys.shape[-2]
-        self.offset = max(self.context_length - (window - 1), 0)  # position of the first entry held
-        self.update(keys[..., self.offset :, :], values[..., self.offset :, :])
+        self.context_length = context_length
+        self.offset = max(context_length - (window - 1), 0)  # position of the first entry held
+        skip = self.offset - (context_length - keys.shape[-2])
+        self.update(keys[..., skip:, :], values[..., skip:, :])
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         return self.keys.shape[-2] + cache_position.shape[0], self.offset
@@ -61,10 +78,11 @@ class SlidingContextLayer(DynamicLayer):
         self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
 
-def dense_layer(keys: torch.Tensor, values: torch.Tensor, window: int | None) -> DynamicLayer:
-    """A cache layer holding a loaded context, keys/values (batch, kv_heads, tokens, head_dim)."""
+def dense_layer(keys: torch.Tensor, values: torch.Tensor, window: int | None, context_length: int) -> DynamicLayer:
+    """A cache layer holding a loaded context, keys/values (batch, kv_heads, n, head_dim): the context's last n
+    positions (n = context_length but in a sliding-window layer, which needs only its window)."""
     if window is not None:
-        return SlidingContextLayer(keys, values, window)
+        return SlidingContextLayer(keys, values, window, context_length)
     layer = DynamicLayer()
     layer.update(keys, values)
     return layer

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvc_format import KvcWriter, Stream, encode_positions
+from kvc_format import CacheGeometry, KvcWriter, Stream, encode_positions
 from kvc_format.quantized import Quantization, encode_layer
 
 from . import __version__
 from .attention import kvc_attention_in, observe_attention
-from .budget import SINK_TOKENS, check_allocation
-from .cache import layer_windows
+from .budget import SINK_TOKENS, check_allocation, visible_positions
+from .cache import context_geometry, layer_windows
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt
 from .errors import KvcError, UsageError
@@ -77,7 +77,7 @@ class CompressResult:
     model: str
     tokens: int
     kept_ratio: float
-    raw_bytes: int  # the full context KV in fp16: 2 × layers × kv_heads × head_dim × tokens × 2
+    raw_bytes: int  # what the model's own cache holds of the context in fp16 (sliding windows: their window only)
     file_bytes: int
     compression: float
     seconds: float
@@ -139,6 +139,11 @@ class Prefilled:
     def tokens(self) -> int:
         return len(self.layout.prefix_ids)
 
+    @property
+    def geometry(self) -> CacheGeometry:
+        """The context as the model's own cache holds it: what a file stores at most (sliding windows included)."""
+        return context_geometry(self.lm.model, self.tokens)
+
 
 def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK,
                      task: TaskFactory = silent_task) -> Prefilled:
@@ -159,7 +164,7 @@ def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK
 
 def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quant: dict | None,
             calibration: dict | None, preset: dict | None) -> dict:
-    cache, identity, layout = pre.cache, pre.identity, pre.layout
+    cache, identity, layout, held = pre.cache, pre.identity, pre.layout, pre.geometry
     layers, heads = len(cache.layers), identity["num_kv_heads"]
     geometry = {
         "layout": "quantized" if quant else "dense" if pruning is None else "pruned",
@@ -169,6 +174,8 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         "head_dim": identity["head_dim"],
         "computed_dtype": DTYPE_NAMES[cache.layers[0].keys.dtype],
     }
+    if held.windows is not None:  # a sliding-window layer stores only what a later token can see (SPEC.md §3)
+        geometry["windows"] = list(held.windows)
     settings = {"ratio": 1.0, "kept_ratio": 1.0, "scorer": None, "allocation": None, "bits": bits, "codec": codec,
                 "chunk_size": pre.chunk_size}
     if preset is not None:
@@ -177,7 +184,7 @@ def _header(pre: Prefilled, bits: int, codec: str, pruning: Pruning | None, quan
         settings.update(ratio=pruning.ratio, kept_ratio=pruning.kept_ratio, scorer=pruning.scorer,
                         allocation=pruning.allocation, refit=_refit_setting(pruning))
     if pruning is not None or quant:
-        geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else layers * heads * pre.tokens
+        geometry["kept"] = int(pruning.keep.sum()) if pruning is not None else held.held_entries
     if quant:
         geometry.update(exact_positions=quant["exact_positions"], key_rope=quant["key_rope"])
         if quant["rope_inv_freq"] is not None:
@@ -288,19 +295,29 @@ def _refitter(pre: Prefilled, pruning: Pruning | None):
     """refit(layer, keys, values) → the layer's `Refit` (kvzip_cli.refit: values with the kept rows refit, and the
     kept keys' logit bias when `pruning.logit_bias`), or None for a layer left as it is; the refitter itself is None
     when nothing is refit: no pruning, or a pruning without reference queries. The fit reads the computed keys, also
-    for a quantized file: fitting to the keys as quantized was measured and gained nothing (README, "Refit")."""
+    for a quantized file: fitting to the keys as quantized was measured and gained nothing (README, "Refit"). A
+    sliding-window layer is fit over the positions it holds, each query over what its window sees."""
     if pruning is None or pruning.queries is None:
         return None
     config = pre.lm.model.config.get_text_config()
     softcap = getattr(config, "attn_logit_softcapping", None)
     windows = layer_windows(pre.lm.model.config)
+    geometry = pre.geometry
 
     def refit(i: int, keys: torch.Tensor, values: torch.Tensor) -> Refit | None:
         queries = pruning.queries.layer(i)
-        if queries is None or (windows[i] is not None and windows[i] < pre.tokens):
+        if queries is None:
             return None
-        return refit_values(keys, values, pruning.keep[i].to(keys.device), queries, pruning.queries.scaling[i],
-                            softcap, logit_bias=pruning.logit_bias)
+        keep, scaling = pruning.keep[i].to(keys.device), pruning.queries.scaling[i]
+        if windows[i] is None:
+            return refit_values(keys, values, keep, queries, scaling, softcap, logit_bias=pruning.logit_bias)
+        first = geometry.first_position(i)
+        window = (pruning.queries.positions(i) - first, windows[i])
+        fitted = refit_values(keys[:, first:], values[:, first:], keep[:, first:], queries, scaling, softcap,
+                              logit_bias=pruning.logit_bias, window=window)
+        refit_all = values.float().clone()
+        refit_all[:, first:] = fitted.values
+        return Refit(refit_all, fitted.bias)
 
     return refit
 
@@ -333,6 +350,8 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
     quantizer, tables, fields, units = (_quantizer(pre, bits, codec, quant) if bits in QUANT_BITS
                                         else (None, None, None, None))
     refit = _refitter(pre, pruning)
+    geometry = pre.geometry
+    visible = visible_positions(geometry)
     advance = task("write" if refit is None else "refit and write", len(cache.layers))
     with KvcWriter(output, _header(pre, bits, codec, pruning, fields, calibration, preset)) as writer:
         for i, layer in enumerate(cache.layers):
@@ -342,13 +361,14 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
             if fitted is not None:
                 values = fitted.values.to(values.dtype)
             if quantizer is not None:
-                keep = pruning.keep[i] if pruning is not None else torch.ones(keys.shape[:2], dtype=torch.bool)
+                keep = pruning.keep[i] if pruning is not None else visible[i].expand(keys.shape[:2])
                 encoded = _quantized_layer(keys, values, keep, quantizer, tables, unit)
                 writer.add_section("kv_layer_quantized", {"layer": i, **encoded.attrs}, encoded.streams,
                                    codec="zstd")
             elif pruning is None:
-                streams = [to_stream("keys", storage_tensor(keys, bits)),
-                           to_stream("values", storage_tensor(values, bits))]
+                first = geometry.first_position(i)  # a sliding-window layer: its window only
+                streams = [to_stream("keys", storage_tensor(keys[:, first:], bits)),
+                           to_stream("values", storage_tensor(values[:, first:], bits))]
                 writer.add_section("kv_layer", {"layer": i}, streams, codec=codec)
             else:
                 kept = int(pruning.keep[i].sum())
@@ -358,7 +378,7 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
                 writer.add_section("kv_layer_bias", {"layer": i}, _bias_stream(fitted.bias), codec="zstd")
             advance(1)
     file_bytes = output.stat().st_size
-    raw = raw_fp16_bytes(len(cache.layers), identity["num_kv_heads"], identity["head_dim"], pre.tokens)
+    raw = raw_fp16_bytes(geometry.held_entries, identity["head_dim"])
     score_seconds = pruning.score_seconds if pruning else 0.0
     return CompressResult(
         output=str(output),

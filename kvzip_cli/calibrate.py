@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .attention import kvc_attention_in
-from .budget import protected_positions
+from .budget import protected_positions, visible_positions
 from .cache_file import CompressResult, Prefilled, QuantOptions, write_kvc
 from .errors import KvcError, UsageError
 from .load import load
@@ -210,7 +210,8 @@ def expected_bytes(candidate: Candidate, trials: list[Trial]) -> float:
 
 def allowed_ratios(pre: Prefilled) -> tuple[float, ...]:
     """RATIOS that keep at least the chat template and attention sinks every head keeps."""
-    floor = float(protected_positions(pre.layout).float().mean())
+    visible = visible_positions(pre.geometry)
+    floor = float((visible & protected_positions(pre.layout)).sum() / visible.sum())
     return tuple(r for r in RATIOS if r >= floor) or (1.0,)
 
 

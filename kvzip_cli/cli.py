@@ -508,7 +508,7 @@ def _summary(reader: KvcReader) -> dict:
 
     header = reader.header
     g = reader.geometry
-    kept, per_layer = reader.kept_per_layer(), g.kv_heads * g.tokens
+    kept = reader.kept_per_layer()
     elements = 2 * sum(kept) * g.head_dim  # kept keys and values
     streams: dict[str, dict] = {}
     for section in reader.sections:
@@ -522,9 +522,9 @@ def _summary(reader: KvcReader) -> dict:
         "model": header["model"].get("name"),
         "fingerprint": header["model"],
         "tokens": g.tokens,
-        "kept_ratio": sum(kept) / (g.layers * per_layer),
+        "kept_ratio": sum(kept) / g.held_entries,  # of what the model's own (windowed) cache holds
         "file_bytes": reader.file_size,
-        "raw_bytes": raw_fp16_bytes(g.layers, g.kv_heads, g.head_dim, g.tokens),
+        "raw_bytes": raw_fp16_bytes(g.held_entries, g.head_dim),
         "cache": header["cache"],
         "settings": header.get("settings", {}),
         "prompt": {k: v for k, v in header["prompt"].items() if k != "prefix_ids"},
@@ -534,8 +534,10 @@ def _summary(reader: KvcReader) -> dict:
         "bits_per_element": 8 * reader.file_size / elements,
         "streams": {name: {"bytes": e["bytes"], "bits_per_element": 8 * e["bytes"] / elements,
                            "codecs": sorted(e["codecs"])} for name, e in streams.items()},
-        "layers": [{"layer": i, "bytes": n, "kept_ratio": k / per_layer}
-                   for i, (n, k) in enumerate(zip(reader.section_sizes(), kept, strict=True))],
+        "layers": [{"layer": i, "bytes": n, "kept_ratio": k / (g.kv_heads * g.held(i)), "window": window,
+                    "positions": g.held(i)}
+                   for i, (n, k, window) in enumerate(zip(reader.section_sizes(), kept, g.windows or [None] * g.layers,
+                                                          strict=True))],
     }
 
 
@@ -586,9 +588,14 @@ def inspect(file: Annotated[Path, typer.Argument(help="The .kvc file.")], json_o
                f"{str(fp.get('tokenizer_digest'))[:16]}...")
     typer.echo(f"  tokens       {info['tokens']:,} ({info['prompt'].get('template')} template), "
                f"KV computed in {cache.get('computed_dtype')}, layout {cache['layout']}")
+    sliding = [entry for entry in info["layers"] if entry["window"]]
+    if sliding:
+        widths = ", ".join(sorted({str(entry["window"]) for entry in sliding}))
+        typer.echo(f"  windows      {len(sliding)} of {len(info['layers'])} layers slide (window {widths}): each "
+                   f"stores only the {min(entry['positions'] for entry in sliding):,} positions a later token sees")
     typer.echo(f"  preset       {_preset_text(info['settings'], info['calibration'])}")
     typer.echo(f"  settings     {_settings_text(info['settings'], cache)}")
-    typer.echo(f"  size         {_mb(info['file_bytes'])} for {_mb(info['raw_bytes'])} of fp16 KV "
+    typer.echo(f"  size         {_mb(info['file_bytes'])} for {_mb(info['raw_bytes'])} of fp16 KV in the model's cache "
                f"({info['raw_bytes'] / info['file_bytes']:.2f}x), {info['bits_per_element']:.2f} bits per kept "
                "element")
     typer.echo("  streams      " + ", ".join(f"{name} {e['bits_per_element']:.2f} ({'/'.join(e['codecs'])})"

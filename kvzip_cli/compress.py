@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .budget import check_ratio, protected_positions
+from .budget import check_ratio, protected_positions, visible_positions
 from .cache_file import (
     DEFAULT_CHUNK,
     QUANT_BITS,
@@ -90,7 +90,8 @@ def compress_text(
         pre = prefill_document(text, lm, chunk_size, task)
         pruning = None
         if ratio < 1:
-            check_ratio(ratio, protected_positions(pre.layout))  # before the costly scoring
+            # before the costly scoring
+            check_ratio(ratio, protected_positions(pre.layout), visible=visible_positions(pre.geometry))
             pruning = score_context(lm, pre.cache, pre.layout, scorer, task, refit).keep(ratio, allocation)
             pruning = replace(pruning, logit_bias=logit_bias)
         result = write_kvc(pre, output, codec=codec, bits=bits, pruning=pruning, quant=quant, task=task,

@@ -95,7 +95,7 @@ def existing(path: Path, digest: str, job: Job) -> dict | None:
     except (KvcFormatError, OSError, AttributeError, TypeError):  # unreadable, or a header not as kvc writes it
         return None
     size = path.stat().st_size
-    raw = raw_fp16_bytes(geometry.layers, geometry.kv_heads, geometry.head_dim, geometry.tokens)
+    raw = raw_fp16_bytes(geometry.held_entries, geometry.head_dim)
     return {"tokens": geometry.tokens, "kept_ratio": settings.get("kept_ratio"), "file_bytes": size,
             "compression": raw / size}
 

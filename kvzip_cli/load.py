@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvc_format import KvcReader
+from kvc_format import CacheGeometry, KvcReader
 
 from . import kernels
 from .attention import use_kvc_attention
@@ -70,6 +70,19 @@ def check_identity(header: dict, model: PreTrainedModel, tokenizer: PreTrainedTo
     )
 
 
+def check_windows(geometry: CacheGeometry, windows: list[int | None]) -> None:
+    """Refuse a file whose sliding windows are not the model's (it would hold other positions than the model's
+    attention reads). Files before format 1.6 store every position, which suits any window."""
+    if geometry.windows is not None and list(geometry.windows) != windows:
+        def said(ws) -> str:
+            slid = sorted({w for w in ws if w is not None})
+            return f"windows of {', '.join(map(str, slid))} on {sum(w is not None for w in ws)} layers" if slid \
+                else "no sliding windows"
+
+        raise KvcError(f"this file was made for a model with {said(geometry.windows)}, and the given model has "
+                       f"{said(windows)}: load it with the model that made it")
+
+
 DECODERS = ("auto", "numpy", "triton")
 
 
@@ -97,14 +110,14 @@ def load(
     with KvcReader(path) as reader:
         check_identity(reader.header, model, tokenizer)
         geometry = reader.geometry
+        windows = layer_windows(model.config)
+        check_windows(geometry, windows)
         advance = task("load", geometry.layers)
         dense = DynamicCache()
         pruned = []
-        windows = layer_windows(model.config)
-        full = geometry.kv_heads * geometry.tokens
-        # A quantized file of the whole cache loads as an ordinary dense cache.
-        keeps_all = (geometry.layout == "quantized" and all(n == full for n in reader.kept_per_layer())
-                     and not reader.bias_layers)
+        # A quantized file of the whole cache (all that each layer holds) loads as an ordinary dense cache.
+        keeps_all = (geometry.layout == "quantized" and not reader.bias_layers and all(
+            n == geometry.kv_heads * geometry.held(i) for i, n in enumerate(reader.kept_per_layer())))
         rope_removed = geometry.layout == "quantized" and geometry.key_rope == "removed"
         rope = _rope(model, geometry.tokens) if rope_removed else None
         if geometry.layout != "quantized":
@@ -113,10 +126,10 @@ def load(
         for layer, k, v, positions in layers:
             k, v = k.to(model.dtype), v.to(model.dtype)
             if positions is None:
-                dense.layers.append(dense_layer(k.unsqueeze(0), v.unsqueeze(0), windows[layer]))
+                dense.layers.append(dense_layer(k.unsqueeze(0), v.unsqueeze(0), windows[layer], geometry.tokens))
             elif keeps_all:
-                shape = (1, geometry.kv_heads, geometry.tokens, geometry.head_dim)
-                dense.layers.append(dense_layer(k.reshape(shape), v.reshape(shape), windows[layer]))
+                shape = (1, geometry.kv_heads, geometry.held(layer), geometry.head_dim)
+                dense.layers.append(dense_layer(k.reshape(shape), v.reshape(shape), windows[layer], geometry.tokens))
             else:
                 counts = [len(p) for p in positions]
                 # a sliding-window layer masks by position

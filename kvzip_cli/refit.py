@@ -10,9 +10,11 @@ them down). This is the value half of Attention Matching (arXiv 2602.16284); the
 only the stored values differ.
 
 The reference queries are KVzip's reconstruction queries (the model repeating the document after it, so they see the
-whole context as a question will), recorded per layer and query head, every `stride`-th position. The fit is per
-(layer, KV head) with the query heads of its GQA group stacked. Layers with a sliding window shorter than the
-context are left as they are: a later query sees only the window, not the whole context the fit assumes.
+whole context as a question will), recorded per layer and query head, every `stride`-th position, with their
+positions. The fit is per (layer, KV head) with the query heads of its GQA group stacked. In a sliding-window layer
+(window W) a query at position p sees only the entries at positions > p − W, so each query's full and pruned
+attention are taken over what it sees, and a query that sees no kept entry does not enter the fit: of a long
+document, the queries right after it, as a question's.
 
 The logit bias (`logit_bias=True`), the other half of Attention Matching: pruning also removes attention mass, so a
 query's weights renormalise over the kept keys and the context as a whole weighs less, against the question's own
@@ -30,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 MAX_QUERIES = 2048  # reference queries kept per layer and query head: bounds memory (and time) on long documents
+REFIT_ROWS = 1024  # reference queries whose logits over the whole context are held at once
 RIDGE = 0.001  # λ as a fraction of the mean diagonal of A_Sᵀ A_S; lowest kld of 0.1, 0.01, 0.001 at kept 0.3
 BIAS_ITERATIONS = 100  # multiplicative updates of the bias fit (examples/logit_bias_study.py)
 BIAS_RANGE = 100.0  # w within [1/BIAS_RANGE, BIAS_RANGE]: |β| ≤ ln 100 ≈ 4.6
@@ -47,7 +50,9 @@ class ReferenceQueries:
         self.stride = max(1, stride)
         self._seen: dict[int, int] = {}
         self._queries: dict[int, list[torch.Tensor]] = {}
+        self._positions: dict[int, list[torch.Tensor]] = {}
         self.scaling: dict[int, float] = {}
+        self.at = 0  # the position of the running forward's first query (set by whoever runs the passes)
 
     @classmethod
     def for_positions(cls, positions: int) -> "ReferenceQueries":
@@ -60,6 +65,7 @@ class ReferenceQueries:
         seen = self._seen.get(layer, 0)
         first = (-seen) % self.stride  # the next multiple of the stride, counted over every call of this layer
         self._queries.setdefault(layer, []).append(query[0, :, first :: self.stride].float().cpu())
+        self._positions.setdefault(layer, []).append(torch.arange(query.shape[2])[first :: self.stride] + self.at)
         self._seen[layer] = seen + query.shape[2]
         self.scaling[layer] = scaling
 
@@ -67,6 +73,11 @@ class ReferenceQueries:
         """(heads, n, head_dim) float32, or None if the layer was never observed."""
         parts = self._queries.get(index)
         return torch.cat(parts, dim=1) if parts else None
+
+    def positions(self, index: int) -> torch.Tensor | None:
+        """(n,) int64: the position of each of the layer's queries, or None if the layer was never observed."""
+        parts = self._positions.get(index)
+        return torch.cat(parts) if parts else None
 
 
 def _logits(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -79,26 +90,66 @@ class Refit(NamedTuple):
     bias: list[torch.Tensor] | None  # per KV head (kept_h,) float32, the kept keys' logit bias; None without one
 
 
+def _seen(window: tuple[torch.Tensor, int] | None, tokens: int, group: int, device) -> torch.Tensor | None:
+    """(group × n, tokens) bool: the entries each of a KV head's stacked queries sees in a sliding-window layer
+    (`window` = (the queries' positions (n,), W)); None without a window: every query sees every entry."""
+    if window is None:
+        return None
+    at, width = window
+    return (torch.arange(tokens, device=device)[None, :] > at.to(device)[:, None] - width).repeat(group, 1)
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, scaling: float,
+               softcap: float | None, seen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (m, head_dim), keys/values (tokens, head_dim) → (share (m', kept) float64: each query's full-context
+    attention weight on each kept entry; output (m', head_dim): its full-context attention output), over the m'
+    queries that see a kept entry (all without `seen`) and put some weight on one, REFIT_ROWS queries at a time: no
+    (m, tokens) matrix is held at once (8,192 × 24k float32 would be 0.8 GB per head on a long document)."""
+    shares, outputs = [], []
+    for a in range(0, len(q), REFIT_ROWS):
+        logits = _logits(q[a : a + REFIT_ROWS], keys, scaling, softcap)
+        if seen is not None:
+            block = seen[a : a + REFIT_ROWS]
+            fit = block[:, kept].any(dim=1)
+            logits = logits[fit].masked_fill(~block[fit], -math.inf)
+        weights = torch.softmax(logits.double(), dim=-1)  # float64: a kept entry's share never underflows to 0
+        share = weights[:, kept]
+        carried = share.sum(dim=1) > 0  # a query with no mass on any kept entry cannot be fit
+        shares.append(share[carried])
+        outputs.append((weights[carried] @ values.double()).float())
+    if not shares:
+        return q.new_zeros(0, len(kept), dtype=torch.float64), q.new_zeros(0, values.shape[-1])
+    return torch.cat(shares), torch.cat(outputs)
+
+
+def _biased(share: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The pruned attention weights (m, kept) float32 with the logit bias: softmax over the kept entries of
+    logit + bias, which is each row of share × exp(bias) normalised."""
+    weights = share * bias.double().exp()
+    return (weights / weights.sum(dim=1, keepdim=True)).float()
+
+
 def refit_values(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, queries: torch.Tensor,
-                 scaling: float, softcap: float | None = None, ridge: float = RIDGE, logit_bias: bool = False) -> Refit:
+                 scaling: float, softcap: float | None = None, ridge: float = RIDGE, logit_bias: bool = False,
+                 window: tuple[torch.Tensor, int] | None = None) -> Refit:
     """keys/values (kv_heads, tokens, head_dim) post-RoPE, keep (kv_heads, tokens) bool, queries (heads, n, head_dim)
-    → the refit values and, with `logit_bias`, the kept keys' bias (module docstring)."""
-    kv_heads, _, dim = keys.shape
+    → the refit values and, with `logit_bias`, the kept keys' bias (module docstring). `window` = (the queries'
+    positions (n,), W) for a sliding-window layer: each query sees the entries at positions > its own − W."""
+    kv_heads, tokens, dim = keys.shape
     group = queries.shape[0] // kv_heads
     keys, values = keys.float(), values.float()
+    seen = _seen(window, tokens, group, keys.device)
     out = values.clone()
     biases = []
     for h in range(kv_heads):
         kept = keep[h].nonzero().squeeze(-1)
         bias = torch.zeros(len(kept), device=keys.device)
-        if len(kept):
-            q = queries[h * group : (h + 1) * group].reshape(-1, dim).to(keys.device)
-            logits = _logits(q, keys[h], scaling, softcap)
-            full = torch.softmax(logits, dim=-1)
+        q = queries[h * group : (h + 1) * group].reshape(-1, dim).to(keys.device)
+        share, target = _attention(q, keys[h], values[h], kept, scaling, softcap, seen)
+        if len(kept) and len(share):
             if logit_bias:
-                bias = torch.round(_fit_bias(full[:, kept].double()).float() / BIAS_STEP) * BIAS_STEP
-            weights = torch.softmax(logits[:, kept] + bias, dim=-1)
-            solved = _solve(weights, full @ values[h], values[h, kept], ridge)
+                bias = torch.round(_fit_bias(share).float() / BIAS_STEP) * BIAS_STEP
+            solved = _solve(_biased(share, bias), target, values[h, kept], ridge)
             if torch.isfinite(solved).all() and torch.isfinite(bias).all():
                 out[h, kept] = solved
             else:
@@ -127,20 +178,20 @@ def _solve(weights: torch.Tensor, target: torch.Tensor, old: torch.Tensor, ridge
 
 
 def output_error(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, queries: torch.Tensor,
-                 scaling: float, refit: Refit | None = None, softcap: float | None = None) -> float:
+                 scaling: float, refit: Refit | None = None, softcap: float | None = None,
+                 window: tuple[torch.Tensor, int] | None = None) -> float:
     """Σ ‖A_S V' − O‖² over the KV heads: what `refit_values` minimises (without its ridge term), for a `refit`'s values
-    V' and bias (default: the original values, no bias)."""
-    kv_heads, _, dim = keys.shape
+    V' and bias (default: the original values, no bias); `window` as there."""
+    kv_heads, tokens, dim = keys.shape
     group = queries.shape[0] // kv_heads
+    seen = _seen(window, tokens, group, keys.device)
     stored = values if refit is None else refit.values
     total = 0.0
     for h in range(kv_heads):
+        kept = keep[h].nonzero().squeeze(-1)
         q = queries[h * group : (h + 1) * group].reshape(-1, dim)
-        logits = _logits(q, keys[h].float(), scaling, softcap)
-        target = torch.softmax(logits, dim=-1) @ values[h].float()
-        read = _logits(q, keys[h, keep[h]].float(), scaling, softcap)
-        if refit is not None and refit.bias is not None:
-            read = read + refit.bias[h]
-        pruned = torch.softmax(read, dim=-1) @ stored[h, keep[h]].float()
+        share, target = _attention(q, keys[h].float(), values[h].float(), kept, scaling, softcap, seen)
+        bias = refit.bias[h] if refit is not None and refit.bias is not None else torch.zeros(len(kept))
+        pruned = _biased(share, bias) @ stored[h, kept].float()
         total += float((pruned - target).double().pow(2).sum())
     return total

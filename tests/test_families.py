@@ -162,14 +162,17 @@ def test_keys_stored_without_rope_match_keys_stored_with_it(tmp_path, family):
             rotary = 2 * len(reader.geometry.rope_inv_freq)
             assert (rotary < reader.geometry.head_dim) == (name in PARTIAL_ROTARY)
             stored = [torch.from_numpy(layer.keys.data) for layer in reader.read_layers()]
+            firsts = [reader.geometry.first_position(i) for i in range(reader.geometry.layers)]
         # What kvc stores is what the model rotates: its own apply_rotary_pos_emb turns the stored keys into the
-        # cached ones (kvc's RoPE could be any invertible map and still pass the round trip below).
+        # cached ones (kvc's RoPE could be any invertible map and still pass the round trip below). A sliding-window
+        # layer stores its window only.
         apply_rope = sys.modules[type(pre.lm.model).__module__].apply_rotary_pos_emb
-        cos, sin = pre.lm.model.base_model.rotary_emb(stored[0], torch.arange(pre.tokens)[None])
-        for keys, want in zip(stored, pre.cache.layers, strict=True):
-            keys = keys.view(want.keys.shape)
+        for keys, want, first in zip(stored, pre.cache.layers, firsts, strict=True):
+            want = want.keys[..., first:, :]
+            keys = keys.view(want.shape)
+            cos, sin = pre.lm.model.base_model.rotary_emb(keys, torch.arange(first, pre.tokens)[None])
             _, rotated = apply_rope(keys, keys, cos, sin)
-            assert relative_error(rotated, want.keys) < 0.01
+            assert relative_error(rotated, want) < 0.01
     else:
         assert default_rope == "applied"
         with pytest.raises(KvcError, match="per layer type"):
@@ -201,6 +204,16 @@ def test_export_matches_the_loader(tmp_path, family):
             torch.testing.assert_close(torch.from_numpy(exported[prefix + "keys"])[seen], keys[0].float(),
                                        atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(torch.from_numpy(exported[prefix + "values"])[seen], values[0].float())
+
+
+def test_a_file_made_for_other_windows_is_refused(tmp_path, tiny_tokenizer):
+    """The fingerprint does not hold the window; the file's own windows (format 1.6) are checked against the model's
+    before anything is read: a model given another window would attend past what the file holds."""
+    lm = family_model("mistral", tiny_tokenizer)
+    compress_text(TEXT, tmp_path / "m.kvc", preset="lossless", model=lm)
+    lm.model.config.sliding_window = 2 * WINDOW
+    with pytest.raises(KvcError, match=f"made for a model with windows of {WINDOW} on .* has windows of {2 * WINDOW}"):
+        load(tmp_path / "m.kvc", lm)
 
 
 def test_partial_rotary_needs_format_1_4(tmp_path, tiny_tokenizer):

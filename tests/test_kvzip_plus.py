@@ -46,8 +46,10 @@ def family(request, tiny_tokenizer):
 def test_every_family_has_its_output_projections_found(family):
     config = family.lm.model.config.get_text_config()
     assert sorted(attention_modules(family.lm.model)) == list(range(config.num_hidden_layers))
-    scores = score_context(family.lm, family.cache, family.layout, "kvzip-plus", refit=False).scores
-    assert torch.isfinite(scores).all() and scores.std() > 0
+    scored = score_context(family.lm, family.cache, family.layout, "kvzip-plus", refit=False)
+    held = scored.visible[:, None, :].expand(scored.scores.shape)  # a sliding-window layer holds its window only
+    assert torch.isfinite(scored.scores[held]).all() and scored.scores[held].std() > 0
+    assert (scored.scores[~held] == -torch.inf).all()
 
 
 def test_scaling_a_layers_output_projection_scales_its_scores(tiny_tokenizer):

@@ -252,3 +252,34 @@ def test_loaded_memory_scales_with_the_ratio(tmp_path, tiny):
     per_entry = 1 + 1 / (2 * config.hidden_size // config.num_attention_heads)
     assert sizes[0.5] / sizes[1.0] == pytest.approx(0.5 * per_entry, abs=0.002)
     assert sizes[0.25] / sizes[1.0] == pytest.approx(0.25 * per_entry, abs=0.002)
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_a_sliding_window_layer_keeps_only_what_its_window_holds(allocation):
+    """Layers 0-2 hold the last 511 of 2,000 positions (a window of 512), layer 3 all: nothing outside a window is
+    kept, the budget counts what the layers hold, and every layer keeps the template it holds."""
+    scores = torch.rand(4, 2, 2000, generator=torch.Generator().manual_seed(1))
+    protected = torch.zeros(2000, dtype=torch.bool)
+    protected[:SINK_TOKENS] = protected[-3:] = True  # sinks, and the template after the document
+    visible = torch.ones(4, 2000, dtype=torch.bool)
+    visible[:3, : 2000 - 511] = False
+    keep = allocate(scores, 0.25, allocation, protected, visible)
+    assert not (keep & ~visible[:, None, :]).any()
+    assert keep[..., protected][visible[:, None, protected].expand_as(keep[..., protected])].all()
+    if allocation != "position":  # position keeps its positions where a layer holds them: fewer in the windows
+        assert keep.sum() == round(0.25 * 2 * int(visible.sum()))
+
+
+def test_windows_take_their_own_share_of_a_global_budget():
+    """One threshold over layers of two kinds starves the windows (their KVzip scores run lower): they are kept whole
+    when they cost at most half the budget, else they share a tenth of it."""
+    scores = torch.rand(4, 1, 20_000, generator=torch.Generator().manual_seed(2))
+    scores[:3] /= 100  # the windows score low, as KVzip's reconstruction rates them
+    protected = torch.zeros(20_000, dtype=torch.bool)
+    protected[:SINK_TOKENS] = True
+    visible = torch.ones(4, 20_000, dtype=torch.bool)
+    visible[:3, : 20_000 - 511] = False
+    whole = allocate(scores, 0.25, "global", protected, visible)  # windows: 1,533 of a 5,383 budget
+    assert whole[:3].sum() == 3 * 511 and whole.sum() == round(0.25 * int(visible.sum()))
+    short = allocate(scores[..., -2_000:], 0.25, "global", protected[-2_000:], visible[:, -2_000:])
+    assert short[:3].sum() == round(0.1 * round(0.25 * int(visible[:, -2_000:].sum())))

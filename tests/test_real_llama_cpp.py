@@ -12,7 +12,7 @@ import pytest
 from kvzip_cli import load_model
 from kvzip_cli.compress import compress_text
 from kvzip_cli.document import question_ids
-from kvzip_cli.models import embedded_gguf
+from kvzip_cli.model_files import embedded_gguf
 
 EDGE = Path(__file__).resolve().parent.parent / "examples" / "edge"
 sys.path.insert(0, str(EDGE))

@@ -12,7 +12,8 @@ import pytest
 
 from kvzip_cli import load_model
 from kvzip_cli.compress import compress_text
-from kvzip_cli.models import converted_folder, embedded_gguf
+from kvzip_cli.model_files import embedded_gguf
+from kvzip_cli.models import converted_folder
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

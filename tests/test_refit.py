@@ -82,10 +82,12 @@ def test_reference_queries_keep_every_stride_th_position_across_calls():
     positions = torch.arange(10, dtype=torch.float32)
     for piece in (positions[:4], positions[4:5], positions[5:]):  # three forward passes of one layer
         query = piece.view(1, 1, -1, 1).expand(1, 2, -1, 4)
+        recorder.at = 100 + int(piece[0])  # where the pass's forward starts
         recorder(0, query, None, None, 0.25)
     got = recorder.layer(0)
     assert got.shape == (2, 4, 4)
     assert got[0, :, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert recorder.positions(0).tolist() == [100, 103, 106, 109]
     assert recorder.scaling[0] == 0.25 and recorder.layer(1) is None
     assert ReferenceQueries.for_positions(3 * MAX_QUERIES + 1).stride == 4
 
@@ -151,8 +153,35 @@ def test_a_biased_file_loads_with_its_bias(tmp_path, llama):
         torch.testing.assert_close(torch.cat(layer.context_bias).float(), torch.from_numpy(reader.read_bias(i)))
 
 
-def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
-    """Mistral's window (24 positions) is far shorter than the document: the fit's assumption does not hold."""
+def test_a_window_wider_than_the_context_changes_nothing():
+    keys, values, keep, q = _random_head(1)
+    scaling = keys.shape[-1] ** -0.5
+    plain = refit_values(keys, values, keep, q, scaling, logit_bias=True)
+    at = torch.arange(keys.shape[1], keys.shape[1] + q.shape[1])  # queries after the context, as the passes'
+    wide = refit_values(keys, values, keep, q, scaling, logit_bias=True, window=(at, 10 * keys.shape[1]))
+    torch.testing.assert_close(wide.values, plain.values)
+    torch.testing.assert_close(torch.cat(wide.bias), torch.cat(plain.bias))
+
+
+def test_a_sliding_window_layer_is_fit_to_what_each_query_sees():
+    """Queries after the context, window 24: each sees only the context's last entries (the later ones fewer, the
+    last ones none); the windowed fit lowers the windowed error, leaves entries no query sees, and the fit without the
+    window (every query seeing every entry) does not do as well."""
+    keys, values, keep, q = _random_head(2, tokens=64, queries=40)
+    scaling = keys.shape[-1] ** -0.5
+    window = (torch.arange(64, 104), 24)
+    fitted = refit_values(keys, values, keep, q, scaling, logit_bias=True, window=window)
+    blind = refit_values(keys, values, keep, q, scaling, logit_bias=True)
+    before = output_error(keys, values, keep, q, scaling, window=window)
+    after = output_error(keys, values, keep, q, scaling, fitted, window=window)
+    assert after < 0.75 * before and after < output_error(keys, values, keep, q, scaling, blind, window=window)
+    unseen = torch.arange(64) <= 64 - 24  # no query (at 64 or later) sees these
+    assert torch.equal(fitted.values[:, unseen], values[:, unseen])
+
+
+def test_sliding_window_layers_are_refit_within_their_window(tmp_path, tiny_tokenizer):
+    """Mistral's window (24 positions) is far shorter than the document: each layer stores only its window, refit to
+    the reference queries that see it, and its windowed error drops."""
     pre = prefill_document(TEXT, family_model("mistral", tiny_tokenizer), chunk_size=128)
     pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.5)
     write_kvc(pre, tmp_path / "m.kvc", bits=32, pruning=pruning)
@@ -160,12 +189,21 @@ def test_sliding_window_layers_keep_their_values(tmp_path, tiny_tokenizer):
     assert reader.header["settings"]["refit"] == "values+bias"
     windows = layer_windows(pre.lm.model.config)
     for (i, stored_layer), window in zip(reader.iter_layers(), windows, strict=True):
-        values, keep = pre.cache.layers[i].values[0], pruning.keep[i]
+        first = reader.geometry.first_position(i)
+        assert window is not None and first == pre.tokens - (window - 1)
+        assert all(len(p) and p.min() >= first for p in stored_layer.positions)
+        keys, values = pre.cache.layers[i].keys[0][:, first:], pre.cache.layers[i].values[0][:, first:]
+        keep = pruning.keep[i][:, first:]
+        queries = pruning.queries.layer(i)
+        seen = (pruning.queries.positions(i) - first, window)
         stored = torch.from_numpy(stored_layer.values.data.astype("float32"))
-        if window is None:  # Mistral: every layer slides; a family with full layers too would refit those
-            continue
-        assert torch.equal(stored, torch.cat([values[h, keep[h]] for h in range(len(keep))]))
-        assert reader.read_bias(i) is None
+        expected = refit_values(keys, values, keep, queries, pruning.queries.scaling[i], logit_bias=True, window=seen)
+        torch.testing.assert_close(stored, torch.cat([expected.values[h, keep[h]] for h in range(len(keep))]))
+        torch.testing.assert_close(torch.from_numpy(reader.read_bias(i)), torch.cat(expected.bias), atol=1e-3,
+                                   rtol=0)
+        scaling = pruning.queries.scaling[i]
+        assert output_error(keys, values, keep, queries, scaling, expected, window=seen) < output_error(
+            keys, values, keep, queries, scaling, window=seen)
 
 
 def test_compress_without_refit(tmp_path, tiny_tokenizer):

@@ -141,7 +141,7 @@ def summary(rows: list[dict]) -> str:
 
 def main() -> None:
     from kvzip_cli import load_model
-    from kvzip_cli.models import embedded_gguf
+    from kvzip_cli.model_files import embedded_gguf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", default="apache-2.0,gpl-2,mpl-2.0")

@@ -10,7 +10,6 @@ import torch
 import zstandard
 
 from ..attention import kvc_attention_in
-from ..cache import cache_bytes
 from ..cache_file import Prefilled, QuantOptions, prefill_document, write_kvc
 from ..load import load
 from ..models import LoadedModel
@@ -57,17 +56,14 @@ def _fraction(hits: list[bool]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def _geometry(pre: Prefilled) -> tuple[int, int, int]:
-    return len(pre.cache.layers), pre.identity["num_kv_heads"], pre.identity["head_dim"]
-
-
 def _row(setting: Setting, pre: Prefilled, **values) -> dict:
-    layers, heads, head_dim = _geometry(pre)
-    raw = raw_fp16_bytes(layers, heads, head_dim, pre.tokens)
+    """A setting's row; sizes against what the model's own cache holds (a sliding-window layer: its window)."""
+    geometry = pre.geometry
+    raw = raw_fp16_bytes(geometry.held_entries, geometry.head_dim)
     kept = values.pop("kept_ratio", setting.ratio)
     file_bytes = values.get("file_bytes")
     stored = file_bytes if file_bytes is not None else raw * kept  # a peer stores nothing: count kept fp16 entries
-    elements = 2 * layers * heads * head_dim * pre.tokens * kept
+    elements = raw / 2 * kept  # kept keys and values
     row = {
         "setting": setting.label, "family": setting.family, "kind": setting.kind, "ratio": setting.ratio,
         "kept_ratio": kept, "bits": setting.bits, "codec": setting.codec, "kld": None, "top1": None,
@@ -111,7 +107,7 @@ def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: E
     if pruning is not None:
         extra = {"kept_ratio": made.kept_ratio, "allocation": pruning.allocation, "score_seconds": made.score_seconds}
     return _row(setting, pre, **metrics, **extra, file_bytes=made.file_bytes, compress_seconds=made.seconds,
-                load_seconds=kv.load_seconds, memory_ratio=kv.cache_bytes() / cache_bytes(pre.cache))
+                load_seconds=kv.load_seconds, memory_ratio=kv.cache_bytes() / _own_cache_bytes(pre))
 
 
 def _measure_peer(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator,
@@ -127,11 +123,19 @@ def _measure_peer(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: 
     return _row(setting, pre, **metrics, kept_ratio=kept, compress_seconds=seconds)
 
 
+def _own_cache_bytes(pre: Prefilled) -> int:
+    """Bytes of K/V the model's own cache holds of the context, in the dtype it computed (the prefill's cache also
+    holds what sliding-window layers drop, for scoring)."""
+    return 2 * pre.geometry.held_entries * pre.geometry.head_dim * pre.cache.layers[0].keys.element_size()
+
+
 def _measure_size(setting: Setting, pre: Prefilled) -> dict:
+    """The model's own cache as float16 safetensors (a sliding-window layer: its window), zstd-coded or not."""
     tensors = {}
     for i, layer in enumerate(pre.cache.layers):
-        tensors[f"layer.{i}.keys"] = layer.keys[0].to(torch.float16).contiguous()
-        tensors[f"layer.{i}.values"] = layer.values[0].to(torch.float16).contiguous()
+        first = pre.geometry.first_position(i)
+        tensors[f"layer.{i}.keys"] = layer.keys[0, :, first:].to(torch.float16).contiguous()
+        tensors[f"layer.{i}.values"] = layer.values[0, :, first:].to(torch.float16).contiguous()
     data = safetensors.torch.save(tensors)
     if setting.codec == "safetensors+zstd":
         data = zstandard.ZstdCompressor(level=3).compress(data)

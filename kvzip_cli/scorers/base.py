@@ -7,6 +7,9 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvc_format import CacheGeometry
+
+from ..cache import context_geometry
 from ..document import PromptLayout
 from ..progress import TaskFactory, silent_task
 
@@ -25,6 +28,11 @@ class ScoringInputs:
     @property
     def tokens(self) -> int:
         return len(self.layout.prefix_ids)
+
+    @property
+    def geometry(self) -> CacheGeometry:
+        """The context's geometry as the model's own cache holds it (its sliding windows included)."""
+        return context_geometry(self.model, self.tokens)
 
     def stacked(self, which: str) -> torch.Tensor:
         """(layers, kv_heads, tokens, head_dim) keys or values, float32."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..attention import kvc_attention_in, observe_attention
+from ..budget import visible_positions
 from ..rope import layer_rope_tables, unrotate
 from .base import ScoringInputs
 
@@ -29,8 +30,16 @@ def leverage(x: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     return (x * solved.transpose(-1, -2)).sum(-1)
 
 
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+def zscore(x: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:
+    """x (layers, kv_heads, tokens) standardised per (layer, head) over the positions each layer holds (`held`,
+    (layers, tokens) bool; all without it): a sliding-window layer's statistics are its window's."""
+    if held is None:
+        return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+    weight = held[:, None, :].to(x.dtype)
+    count = weight.sum(-1, keepdim=True)
+    mean = (x * weight).sum(-1, keepdim=True) / count
+    std = (((x - mean) * weight).pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+    return (x - mean) / std.clamp_min(1e-6)
 
 
 @dataclass
@@ -87,5 +96,7 @@ class CompactorScorer:
         return smoothed[:, 0, :n].view(layers, kv_heads, n)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
-        attention = zscore(self.attention_scores(inputs).cpu())
-        return attention + self.leverage_weight * zscore(self.leverage_scores(inputs).cpu())
+        geometry = inputs.geometry
+        held = visible_positions(geometry) if geometry.windows is not None else None
+        attention = zscore(self.attention_scores(inputs).cpu(), held)
+        return attention + self.leverage_weight * zscore(self.leverage_scores(inputs).cpu(), held)

@@ -6,6 +6,10 @@ largest attention weight it receives from any query of its pass, maximised over 
 with the softmax taken over the template prefix, the chunk and the pass's own tokens: each chunk is normalised on
 its own, so chunks far from the question are not starved by the rest of the document. The passes' own KV is
 dropped after each pass.
+
+A sliding-window layer (window W) is scored as its attention runs: a pass's query at position p sees only the
+entries at positions > p − W, so of the context only the document's last W − 1 positions, the ones that layer's
+own cache holds, are ever seen and scored; passes whose queries see none of the chunk there skip the layer.
 """
 
 from collections.abc import Callable
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import kvc_attention_in, observe_attention
+from ..cache import layer_windows
 from .base import ScoringInputs
 
 FIRST_PROMPT = "Repeat the previous context exactly."
@@ -23,14 +28,16 @@ PROMPT_ROOM = 64  # positions left for a pass's instruction
 
 def max_received(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int = 16,
                  dtype: torch.dtype = torch.bfloat16, column: torch.Tensor | None = None,
-                 row: torch.Tensor | None = None) -> torch.Tensor:
+                 row: torch.Tensor | None = None, window: tuple[torch.Tensor, torch.Tensor, int] | None = None
+                 ) -> torch.Tensor:
     """The largest softmax weight each key receives from any query, maximised over the GQA group.
 
     query (1, heads, q, head_dim) are the last q of the k positions in key (1, kv_heads, k, head_dim), causal among
     themselves. Returns (kv_heads, k), float32. The products and the softmax run in `dtype` (bfloat16: the precision
     KVzip's reference runs in, and 3-4× faster than float32 on CPU), a few queries at a time so each block's
     weights stay in the CPU cache. Before the maximum, each weight can be scaled by a factor of its key and query
-    head, `column` (heads, k), and by one of its query, `row` (q,) (KVzip+).
+    head, `column` (heads, k), and by one of its query, `row` (q,) (KVzip+). `window` = (key positions (k,), query
+    positions (q,), W) for a sliding-window layer: a query at position p sees only keys at positions > p − W.
     """
     _, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -45,6 +52,10 @@ def max_received(query: torch.Tensor, key: torch.Tensor, scaling: float, block: 
         logits = torch.bmm(grouped[:, :, start:stop].reshape(kv_heads, -1, dim), keys_t).mul_(scaling)
         rows = torch.arange(start, stop, device=query.device)[:, None] + (k_len - q_len)
         logits.view(kv_heads, group, stop - start, k_len)[..., k_len - q_len :].masked_fill_(own > rows, float("-inf"))
+        if window is not None:  # every query sees at least itself, so no row is masked whole
+            keys_at, queries_at, width = window
+            out = keys_at[None, :] <= queries_at[start:stop, None] - width
+            logits.view(kv_heads, group, stop - start, k_len).masked_fill_(out, float("-inf"))
         weights = torch.softmax(logits, dim=-1).view(kv_heads, group, stop - start, k_len)
         if row is not None:
             weights = weights * row[start:stop].view(1, 1, -1, 1).to(dtype)
@@ -63,6 +74,7 @@ class KVzipScorer:
     default_allocation: str = "global"
     records_queries = True  # fills inputs.queries as it scores (kvzip_cli.refit)
     _chunk = (0, 0)  # the document span the running pass reconstructs
+    _at = 0  # the position of the running forward's first query
 
     def _chunk_size(self, inputs: ScoringInputs) -> int:
         """Smaller chunks near the model's position limit, so a pass never runs past the positions it was trained
@@ -110,6 +122,9 @@ class KVzipScorer:
                 try:
                     for a in range(0, len(ids), self.forward_tokens):
                         piece = ids[a : a + self.forward_tokens]
+                        self._at = n + a
+                        if recorder is not None:
+                            recorder.at = n + a
                         model(input_ids=torch.tensor([piece], device=model.device),
                               position_ids=torch.arange(n + a, n + a + len(piece), device=model.device)[None],
                               past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -127,14 +142,24 @@ class KVzipScorer:
         prefix = inputs.layout.document_start
         layers, kv_heads = len(cache.layers), cache.layers[0].keys.shape[1]
         scores = torch.zeros(layers, kv_heads, n, device=inputs.model.device)
+        windows = layer_windows(inputs.model.config)
 
         def observer(layer: int, query, key, value, scaling):
             first, last = self._chunk
+            window = windows[layer]
+            if window is not None and max(last, prefix) - 1 <= self._at - window:
+                return None  # in this layer the pass sees neither the chunk nor the template
 
             def seen(t: torch.Tensor) -> torch.Tensor:  # the template, the chunk and the pass itself
                 return torch.cat([t[:, :, :prefix], t[:, :, first:last], t[:, :, n:]], dim=2)
 
-            best = self._received(layer, query, key, value, seen, scaling)
+            sliding = None
+            if window is not None:
+                device = query.device
+                at = torch.cat([torch.arange(prefix, device=device), torch.arange(first, last, device=device),
+                                torch.arange(n, key.shape[2], device=device)])
+                sliding = at, torch.arange(self._at, self._at + query.shape[2], device=device), window
+            best = self._received(layer, query, key, value, seen, scaling, sliding)
             best = best[:, prefix : prefix + last - first]
             scores[layer, :, first:last] = torch.maximum(scores[layer, :, first:last], best)  # over a pass's pieces
             return None  # the pass itself attends to everything, through SDPA
@@ -143,7 +168,8 @@ class KVzipScorer:
         return scores.cpu()
 
     def _received(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  seen: Callable[[torch.Tensor], torch.Tensor], scaling: float) -> torch.Tensor:
+                  seen: Callable[[torch.Tensor], torch.Tensor], scaling: float,
+                  window: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
         """(kv_heads, k): what each key a pass's queries see (`seen` picks them along dim 2 of key, value) scores from
-        them (max_received)."""
-        return max_received(query, seen(key), scaling)
+        them (max_received; `window` as there)."""
+        return max_received(query, seen(key), scaling, window=window)

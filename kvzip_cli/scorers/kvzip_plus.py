@@ -86,8 +86,9 @@ class KVzipPlusScorer(KVzipScorer):
         return torch.einsum("hkd,hgde,hke->hgk", values, gram, values).clamp_min(0).sqrt().reshape(-1, k_len)
 
     def _received(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  seen: Callable[[torch.Tensor], torch.Tensor], scaling: float) -> torch.Tensor:
+                  seen: Callable[[torch.Tensor], torch.Tensor], scaling: float,
+                  window: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
         own = self._written(layer, value[0, :, self._tokens :])  # the pass's own tokens so far
         written = seen(torch.cat([self._context_written[layer].to(own.device), own], dim=1)[None])[0]
         inverse_norm = 1 / self._input_norms[layer].to(own.device).clamp_min(torch.finfo(torch.float32).tiny)
-        return max_received(query, seen(key), scaling, column=written, row=inverse_norm)
+        return max_received(query, seen(key), scaling, column=written, row=inverse_norm, window=window)
