@@ -2,8 +2,6 @@
 runtime (node-llama-cpp 3.21.1's prebuilt llama.cpp, installed by `npm ci` in examples/edge) with the embedded
 model's GGUF, against its own prefill of the same tokens. CI installs the runtime; there these tests never skip."""
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +12,8 @@ from kvzip_cli.compress import compress_text
 from kvzip_cli.document import question_ids
 from kvzip_cli.model_files import embedded_gguf
 
-EDGE = Path(__file__).resolve().parent.parent / "examples" / "edge"
+from llama_cpp_runtime import EDGE, require_llama_cpp
+
 sys.path.insert(0, str(EDGE))
 from llama_cpp_check import (  # noqa: E402
     compare,
@@ -39,11 +38,7 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def runtime() -> Path:
-    if shutil.which("node") is None or not (EDGE / "node_modules" / "node-llama-cpp").is_dir():
-        message = "llama.cpp runtime missing: run `npm ci` in examples/edge (Node 20)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_llama_cpp()
     return embedded_gguf()
 
 

@@ -4,8 +4,6 @@ long real documents and on what tokenizers get wrong: code, digits, runs of spac
 emoji, HTML and control-token text. CI installs the runtime; there these tests never skip."""
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,9 +13,9 @@ from kvzip_cli import load_model
 from kvzip_cli.model_files import packaged_gguf
 
 from conftest import DOCS
+from llama_cpp_runtime import EDGE, require_llama_cpp
 
 pytestmark = pytest.mark.slow
-EDGE = Path(__file__).resolve().parent.parent / "examples" / "edge"
 SAMPLES = [
     "The capital of France is",
     "Question: What is the largest planet in the solar system?\nAnswer:",
@@ -38,12 +36,7 @@ DOCUMENTS = ["apache-2.0.txt", "long/e2fsprogs-news.txt", "long/dbus-news.txt", 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    if shutil.which("node") is None or not (EDGE / "node_modules" / "node-llama-cpp").is_dir():
-        message = "llama.cpp runtime missing: run `npm ci` in examples/edge (Node 20)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return shutil.which("node")
+    return require_llama_cpp()
 
 
 def llama_cpp_ids(node: str, gguf: Path, texts: list[str], folder: Path) -> dict[str, list[list[int]]]:
