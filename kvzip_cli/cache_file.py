@@ -39,6 +39,9 @@ CODECS = ("raw", "zstd", "ans")
 FLOAT_BITS = (16, 32)
 QUANT_BITS = (8, 4, 3, 2)
 DEFAULT_CHUNK = 512
+# Positions a document leaves free in the model's context: a question and a short answer, and KVzip's
+# reconstruction passes (which run after the document, in chunks no shorter than PROMPT_ROOM).
+ANSWER_ROOM = 128
 # Quantization steps at 4 bits, as fractions of the key units (kvzip_cli.key_units: on average each head's key RMS)
 # and of each value row's RMS; every bit added halves them. Chosen on the example corpus with one key step per head
 # (examples/results/quantization/): 4 bits gave kld ≈ 0.005 at ≈ 3.6 bits per element once entropy-coded.
@@ -152,8 +155,9 @@ def prefill_document(text: str, lm: LoadedModel, chunk_size: int = DEFAULT_CHUNK
     layout = layout_prompt(lm.tokenizer, text)
     tokens = len(layout.prefix_ids)
     limit = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
-    if limit and tokens >= limit:
-        raise KvcError(f"the document is {tokens} tokens; model {lm.name!r} handles at most {limit}")
+    if limit and tokens + ANSWER_ROOM > limit:
+        raise KvcError(f"the document is {tokens} tokens; model {lm.name!r} handles at most {limit} positions, "
+                       f"{ANSWER_ROOM} of them kept for a question and its answer: shorten the document")
     identity = fingerprint(lm.model, lm.tokenizer)
     started = time.perf_counter()
     energy = QueryEnergy()

@@ -149,7 +149,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Alias (smollm2 = embedded SmolLM2-135M-Instruct, no network; qwen2, qwen3, llama, ...), hub id, "
+        help="Alias (smollm2 = embedded SmolLM2-135M-Instruct and gemma3 = Gemma 3 270M, both packaged, no network; "
+        "qwen2, qwen3, llama, ...), hub id, "
         "local model folder, or .gguf file, of a tested family: Llama, Qwen2, Qwen3, Mistral, Gemma 2 and 3, "
         "Phi-3, GPT-NeoX, OLMo 2, Granite (`kvc models` lists them).",
     ),
