@@ -117,9 +117,9 @@ def _pool(scores: torch.Tensor, protected: torch.Tensor, visible: torch.Tensor) 
 
 def _global(scores: torch.Tensor, budget: int, visible: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
     """One threshold over every entry, but for the layers whose window is shorter than the context: they first take
-    WINDOWS_WHOLE's share of the budget or WINDOWS_SHARE of it, with a threshold of their own (the scores of the two
-    kinds of layer are not comparable: KVzip's reconstruction queries rarely see a window's entries, so one threshold
-    left the windows ~1% of their entries, measured on Gemma 3; examples/results/gemma3/window-allocation.md).
+    their whole windows or WINDOWS_SHARE of the budget (WINDOWS_WHOLE), in shares proportional to what each holds
+    (the scores of the two kinds of layer are not comparable: KVzip's reconstruction queries rarely see a window's
+    entries, so one threshold leaves the windows a few percent of their entries, unevenly).
     floors (layers,): the entries each layer keeps whatever it scores."""
     layers, heads, tokens = scores.shape
     sliding = visible.sum(-1) < tokens
@@ -129,9 +129,10 @@ def _global(scores: torch.Tensor, budget: int, visible: torch.Tensor, floors: to
     take = windows if windows <= WINDOWS_WHOLE * budget else round(WINDOWS_SHARE * budget)
     take = max(min(take, budget - int(floors[~sliding].sum())), int(floors[sliding].sum()))
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    for group, share in ((sliding, take), (~sliding, budget - take)):
-        part = scores[group]
-        keep[group] = _top(part.reshape(1, -1), torch.tensor([share])).view(part.shape)
+    counts = torch.maximum(_apportion(take, visible[sliding].sum(-1)), floors[sliding])
+    keep[sliding] = _top(scores[sliding].reshape(int(sliding.sum()), -1), counts).view(-1, heads, tokens)
+    rest = scores[~sliding]
+    keep[~sliding] = _top(rest.reshape(1, -1), torch.tensor([budget - int(counts.sum())])).view(rest.shape)
     return keep
 
 
