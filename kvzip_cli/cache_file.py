@@ -17,7 +17,7 @@ from kvc_format.quantized import Quantization, encode_layer
 from . import __version__
 from .attention import kvc_attention_in, observe_attention
 from .budget import SINK_TOKENS, check_allocation, visible_positions
-from .cache import context_geometry, layer_windows
+from .cache import context_geometry
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt
 from .errors import KvcError, UsageError
@@ -305,7 +305,6 @@ def _refitter(pre: Prefilled, pruning: Pruning | None):
         return None
     config = pre.lm.model.config.get_text_config()
     softcap = getattr(config, "attn_logit_softcapping", None)
-    windows = layer_windows(pre.lm.model.config)
     geometry = pre.geometry
 
     def refit(i: int, keys: torch.Tensor, values: torch.Tensor) -> Refit | None:
@@ -313,10 +312,11 @@ def _refitter(pre: Prefilled, pruning: Pruning | None):
         if queries is None:
             return None
         keep, scaling = pruning.keep[i].to(keys.device), pruning.queries.scaling[i]
-        if windows[i] is None:
+        width = geometry.windows[i] if geometry.windows is not None else None
+        if width is None:
             return refit_values(keys, values, keep, queries, scaling, softcap, logit_bias=pruning.logit_bias)
         first = geometry.first_position(i)
-        window = (pruning.queries.positions(i) - first, windows[i])
+        window = (pruning.queries.positions(i) - first, width)
         fitted = refit_values(keys[:, first:], values[:, first:], keep[:, first:], queries, scaling, softcap,
                               logit_bias=pruning.logit_bias, window=window)
         refit_all = values.float().clone()

@@ -70,17 +70,19 @@ def check_identity(header: dict, model: PreTrainedModel, tokenizer: PreTrainedTo
     )
 
 
+def _windows_text(windows) -> str:
+    slid = sorted({w for w in windows if w is not None})
+    if not slid:
+        return "no sliding windows"
+    return f"windows of {', '.join(map(str, slid))} on {sum(w is not None for w in windows)} layers"
+
+
 def check_windows(geometry: CacheGeometry, windows: list[int | None]) -> None:
     """Refuse a file whose sliding windows are not the model's (it would hold other positions than the model's
     attention reads). Files before format 1.6 store every position, which suits any window."""
     if geometry.windows is not None and list(geometry.windows) != windows:
-        def said(ws) -> str:
-            slid = sorted({w for w in ws if w is not None})
-            return f"windows of {', '.join(map(str, slid))} on {sum(w is not None for w in ws)} layers" if slid \
-                else "no sliding windows"
-
-        raise KvcError(f"this file was made for a model with {said(geometry.windows)}, and the given model has "
-                       f"{said(windows)}: load it with the model that made it")
+        raise KvcError(f"this file was made for a model with {_windows_text(geometry.windows)}, and the given "
+                       f"model has {_windows_text(windows)}: load it with the model that made it")
 
 
 DECODERS = ("auto", "numpy", "triton")
