@@ -78,6 +78,17 @@ class SlidingContextLayer(DynamicLayer):
         self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
 
+def context_kv(layer: CacheLayerMixin, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefilled layer's keys and values (kv_heads, tokens, head_dim) at every position of the context, zeros
+    before the positions a sliding-window layer holds (which nothing reads: its own cache does not hold them)."""
+    keys, values = layer.keys[0], layer.values[0]
+    held = keys.shape[1]
+    if held == tokens:
+        return keys, values
+    pad = keys.new_zeros(keys.shape[0], tokens - held, keys.shape[2])
+    return torch.cat([pad, keys], dim=1), torch.cat([pad, values], dim=1)
+
+
 def dense_layer(keys: torch.Tensor, values: torch.Tensor, window: int | None, context_length: int) -> DynamicLayer:
     """A cache layer holding a loaded context, keys/values (batch, kv_heads, n, head_dim): the context's last n
     positions (n = context_length but in a sliding-window layer, which needs only its window)."""

@@ -17,7 +17,7 @@ from kvc_format.quantized import Quantization, encode_layer
 from . import __version__
 from .attention import kvc_attention_in, observe_attention
 from .budget import SINK_TOKENS, check_allocation, visible_positions
-from .cache import context_geometry
+from .cache import context_geometry, context_kv
 from .devices import DTYPE_NAMES
 from .document import PromptLayout, layout_prompt
 from .errors import KvcError, UsageError
@@ -127,7 +127,8 @@ def check_settings(codec: str, ratio: float, bits: int, chunk_size: int, scorer:
 
 @dataclass
 class Prefilled:
-    """A document's full KV cache, computed once; `write_kvc` can store it under any number of settings."""
+    """A document's KV cache as the model holds it (kvzip_cli.prefill: a sliding-window layer its window), computed
+    once; `write_kvc` can store it under any number of settings."""
 
     lm: LoadedModel
     text: str
@@ -248,7 +249,8 @@ def _key_units(pre: Prefilled, rotary: int) -> np.ndarray | None:
     """(layers, kv_heads, head_dim) query-weighted key steps at key_step 1, or None (per-head RMS steps)."""
     if pre.query_energy is None:
         return None
-    # RoPE rotates channel pairs, so it leaves each head's key RMS unchanged: the stored keys' RMS either way.
+    # RoPE rotates channel pairs, so it leaves each head's key RMS unchanged: the stored keys' RMS either way (over
+    # what each layer holds: a sliding-window layer its window).
     rms = torch.stack([layer.keys[0].float().pow(2).mean((1, 2)).sqrt() for layer in pre.cache.layers])
     return key_units(pre.query_energy, rms.double().cpu().numpy(), rotary)
 
@@ -359,7 +361,7 @@ def write_kvc(pre: Prefilled, output: str | os.PathLike, *, codec: str = "zstd",
     advance = task("write" if refit is None else "refit and write", len(cache.layers))
     with KvcWriter(output, _header(pre, bits, codec, pruning, fields, calibration, preset)) as writer:
         for i, layer in enumerate(cache.layers):
-            keys, values = layer.keys[0], layer.values[0]
+            keys, values = context_kv(layer, pre.tokens)
             unit = units[i] if units is not None else None
             fitted = refit(i, keys, values) if refit is not None else None
             if fitted is not None:

@@ -54,9 +54,12 @@ def test_kvzip_global_budget_is_uneven_across_layers(needles_scored):
 
 
 def test_kvzip_beats_random_and_streaming_at_the_same_ratio(smol):
+    """Top-1 is compared over 32 answer tokens per prompt: over 8 it moved by one token in 56 between tokenizer
+    versions (kvzip 0.964, random 0.982) while kvzip's kld stayed 17x lower. Measured with 32: kld 0.0031 / 0.095 /
+    0.204 and top1 0.941 / 0.849 / 0.712 for kvzip / random / streaming."""
     text = DOCS.joinpath("gpl-2.txt").read_text()[:5000]
     sweep = [Setting(f"kvc {s} 0.3", s, "kvc", 0.3, 16, "zstd", scorer=s) for s in ("kvzip", "random", "streaming")]
-    rows = {r["family"]: r for r in run_bench(text, "gpl-2 excerpt", smol, sweep, [], new_tokens=8).rows}
+    rows = {r["family"]: r for r in run_bench(text, "gpl-2 excerpt", smol, sweep, [], new_tokens=32).rows}
     assert rows["kvzip"]["kld"] < 0.5 * min(rows["random"]["kld"], rows["streaming"]["kld"])
     assert rows["kvzip"]["top1"] > max(rows["random"]["top1"], rows["streaming"]["top1"])
     assert rows["kvzip"]["top1"] >= 0.9

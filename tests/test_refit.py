@@ -180,8 +180,8 @@ def test_a_sliding_window_layer_is_fit_to_what_each_query_sees():
 
 
 def test_sliding_window_layers_are_refit_within_their_window(tmp_path, tiny_tokenizer):
-    """Mistral's window (24 positions) is far shorter than the document: each layer stores only its window, refit to
-    the reference queries that see it, and its windowed error drops."""
+    """Mistral's window (24 positions) is far shorter than the document: the prefill and the file hold only each
+    layer's window, refit to the reference queries that see it, and its windowed error drops."""
     pre = prefill_document(TEXT, family_model("mistral", tiny_tokenizer), chunk_size=128)
     pruning = score_context(pre.lm, pre.cache, pre.layout, "kvzip").keep(0.5)
     write_kvc(pre, tmp_path / "m.kvc", bits=32, pruning=pruning)
@@ -192,7 +192,7 @@ def test_sliding_window_layers_are_refit_within_their_window(tmp_path, tiny_toke
         first = reader.geometry.first_position(i)
         assert window is not None and first == pre.tokens - (window - 1)
         assert all(len(p) and p.min() >= first for p in stored_layer.positions)
-        keys, values = pre.cache.layers[i].keys[0][:, first:], pre.cache.layers[i].values[0][:, first:]
+        keys, values = pre.cache.layers[i].keys[0], pre.cache.layers[i].values[0]  # the prefill holds the window
         keep = pruning.keep[i][:, first:]
         queries = pruning.queries.layer(i)
         seen = (pruning.queries.positions(i) - first, window)

@@ -132,10 +132,9 @@ def _own_cache_bytes(pre: Prefilled) -> int:
 def _measure_size(setting: Setting, pre: Prefilled) -> dict:
     """The model's own cache as float16 safetensors (a sliding-window layer: its window), zstd-coded or not."""
     tensors = {}
-    for i, layer in enumerate(pre.cache.layers):
-        first = pre.geometry.first_position(i)
-        tensors[f"layer.{i}.keys"] = layer.keys[0, :, first:].to(torch.float16).contiguous()
-        tensors[f"layer.{i}.values"] = layer.values[0, :, first:].to(torch.float16).contiguous()
+    for i, layer in enumerate(pre.cache.layers):  # each holds what the model's own cache holds
+        tensors[f"layer.{i}.keys"] = layer.keys[0].to(torch.float16).contiguous()
+        tensors[f"layer.{i}.values"] = layer.values[0].to(torch.float16).contiguous()
     data = safetensors.torch.save(tensors)
     if setting.codec == "safetensors+zstd":
         data = zstandard.ZstdCompressor(level=3).compress(data)

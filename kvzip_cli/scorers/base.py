@@ -9,14 +9,15 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvc_format import CacheGeometry
 
-from ..cache import context_geometry
+from ..cache import context_geometry, context_kv
 from ..document import PromptLayout
 from ..progress import TaskFactory, silent_task
 
 
 @dataclass
 class ScoringInputs:
-    """A prefilled context: `cache` layer i holds keys/values (1, kv_heads, tokens, head_dim), post-RoPE."""
+    """A prefilled context (kvzip_cli.prefill): `cache` layer i holds keys/values (1, kv_heads, n, head_dim),
+    post-RoPE, the context's last n positions (n = tokens, or a sliding-window layer's window)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -35,8 +36,10 @@ class ScoringInputs:
         return context_geometry(self.model, self.tokens)
 
     def stacked(self, which: str) -> torch.Tensor:
-        """(layers, kv_heads, tokens, head_dim) keys or values, float32."""
-        return torch.stack([getattr(layer, which)[0].float() for layer in self.cache.layers])
+        """(layers, kv_heads, tokens, head_dim) keys or values, float32 (zeros where a sliding-window layer holds
+        nothing; score_context rates those entries −inf)."""
+        pick = 0 if which == "keys" else 1
+        return torch.stack([context_kv(layer, self.tokens)[pick].float() for layer in self.cache.layers])
 
 
 class Scorer(Protocol):

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import kvc_attention_in, observe_attention
-from ..cache import layer_windows
 from .base import ScoringInputs
 
 FIRST_PROMPT = "Repeat the previous context exactly."
@@ -142,26 +141,30 @@ class KVzipScorer:
         prefix = inputs.layout.document_start
         layers, kv_heads = len(cache.layers), cache.layers[0].keys.shape[1]
         scores = torch.zeros(layers, kv_heads, n, device=inputs.model.device)
-        windows = layer_windows(inputs.model.config)
+        geometry = inputs.geometry
 
         def observer(layer: int, query, key, value, scaling):
             first, last = self._chunk
-            window = windows[layer]
+            window = geometry.windows[layer] if geometry.windows is not None else None
             if window is not None and max(last, prefix) - 1 <= self._at - window:
                 return None  # in this layer the pass sees neither the chunk nor the template
+            base = geometry.first_position(layer)  # the position of the layer's first key
+            device = query.device
+            at = torch.cat([torch.arange(prefix, device=device), torch.arange(first, last, device=device),
+                            torch.arange(n, base + key.shape[2], device=device)])
+            at = at[at >= base]  # the template, the chunk and the pass itself, where the layer holds them
+            index = at - base
 
-            def seen(t: torch.Tensor) -> torch.Tensor:  # the template, the chunk and the pass itself
-                return torch.cat([t[:, :, :prefix], t[:, :, first:last], t[:, :, n:]], dim=2)
+            def seen(t: torch.Tensor) -> torch.Tensor:
+                return t.index_select(2, index)
 
             sliding = None
             if window is not None:
-                device = query.device
-                at = torch.cat([torch.arange(prefix, device=device), torch.arange(first, last, device=device),
-                                torch.arange(n, key.shape[2], device=device)])
                 sliding = at, torch.arange(self._at, self._at + query.shape[2], device=device), window
             best = self._received(layer, query, key, value, seen, scaling, sliding)
-            best = best[:, prefix : prefix + last - first]
-            scores[layer, :, first:last] = torch.maximum(scores[layer, :, first:last], best)  # over a pass's pieces
+            chunk = (at >= first) & (at < last)
+            held = at[chunk]
+            scores[layer, :, held] = torch.maximum(scores[layer, :, held], best[:, chunk])  # over a pass's pieces
             return None  # the pass itself attends to everything, through SDPA
 
         self.reconstruct(inputs, observer, f"score {self.name}")

@@ -41,7 +41,6 @@ class KVzipPlusScorer(KVzipScorer):
     _grams: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _input_norms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _context_written: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # (heads, tokens) per layer
-    _tokens: int = field(default=0, repr=False)  # the context's length, where a pass's own tokens begin
 
     @contextmanager
     def _watching_inputs(self, model: nn.Module) -> Iterator[None]:
@@ -72,7 +71,6 @@ class KVzipPlusScorer(KVzipScorer):
             # The context's entries are the same in every pass: what they write is computed once.
             self._context_written.update({i: self._written(i, layer.values[0])
                                           for i, layer in enumerate(inputs.cache.layers)})
-            self._tokens = inputs.tokens
             try:
                 return super().score(inputs)
             finally:
@@ -88,7 +86,8 @@ class KVzipPlusScorer(KVzipScorer):
     def _received(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   seen: Callable[[torch.Tensor], torch.Tensor], scaling: float,
                   window: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
-        own = self._written(layer, value[0, :, self._tokens :])  # the pass's own tokens so far
-        written = seen(torch.cat([self._context_written[layer].to(own.device), own], dim=1)[None])[0]
+        context = self._context_written[layer]  # what the layer holds of the context (a window: its last entries)
+        own = self._written(layer, value[0, :, context.shape[1] :])  # the pass's own tokens so far
+        written = seen(torch.cat([context.to(own.device), own], dim=1)[None])[0]
         inverse_norm = 1 / self._input_norms[layer].to(own.device).clamp_min(torch.finfo(torch.float32).tiny)
         return max_received(query, seen(key), scaling, column=written, row=inverse_norm, window=window)
