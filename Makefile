@@ -1,6 +1,7 @@
 # Two entry points from a fresh clone (README, first code block; .ci/run calls `make test`):
 #   make demo   set up .venv in the right order, compress an example document, answer a question from the file
-#   make test   set up .venv and the edge runtimes, lint, run the whole test suite as CI does
+#   make test   set up .venv and the edge runtimes, lint, run the whole test suite as CI does: the format package's
+#               own tests (tests/format) in a clean .venv-format that holds kvc_format alone, then everything else
 # Set-up is idempotent: a stamp file records what was installed, so a second run costs seconds.
 
 PYTHON ?= python3
@@ -24,9 +25,10 @@ demo: $(STAMP)
 	$(KVC) compress $(DEMO_DOC) -o $(DEMO_OUT)
 	$(KVC) load $(DEMO_OUT) --prompt "$(DEMO_QUESTION)"
 
-test: $(STAMP) edge
+test: $(STAMP) edge $(VENV)-format/.kvc-installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(VENV)-format/bin/python -m pytest tests/format --confcutdir tests/format
+	$(PY) -m pytest --ignore tests/format
 
 setup: $(STAMP)
 
@@ -55,5 +57,14 @@ $(VENV)-mlx/.kvc-installed: format/pyproject.toml
 	$(VENV)-mlx/bin/python -m pip install --quiet "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" "transformers==5.24.0" ./format
 	@touch $@
 
+# The torch-free package as an edge device gets it (pip install ./format, numba for the compiled decoder), with only
+# pytest and hypothesis beside it: tests/format runs there, so nothing in it can lean on torch or kvzip_cli.
+$(VENV)-format/.kvc-installed: format/pyproject.toml $(wildcard format/*.py)
+	@test -x $(VENV)-format/bin/python || $(PYTHON) -m venv $(VENV)-format
+	$(VENV)-format/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)-format/bin/python -m pip install --quiet "./format[fast]" "pytest>=8" "hypothesis>=6.100"
+	$(VENV)-format/bin/python -m pip install --quiet --force-reinstall --no-deps ./format
+	@touch $@
+
 clean:
-	rm -rf $(VENV) $(VENV)-mlx examples/edge/node_modules $(DEMO_OUT)
+	rm -rf $(VENV) $(VENV)-mlx $(VENV)-format examples/edge/node_modules $(DEMO_OUT)

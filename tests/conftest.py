@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny random-weight Qwen2 / Llama models with a small BPE tokenizer trained in-process.
+"""Shared pytest fixtures: tiny random-weight Qwen2 / Llama models (tests/fixtures.py builds them), a saved tiny
+model folder for the CLI, a short document.
 
-These are for fast unit tests of the mechanics only; claims about quality use the embedded SmolLM2 model.
+These are for fast unit tests of the mechanics only; claims about quality use the real models.
 """
 
 import os
@@ -12,63 +13,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from kvzip_cli import LoadedModel
 
-DOCS = Path(__file__).resolve().parent.parent / "examples" / "docs"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _train_tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([p.read_text() for p in sorted(DOCS.glob("*.txt"))], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+from fixtures import DOCS, tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    return _train_tokenizer()
-
-
-def tiny_fields(tokenizer, initializer_range: float) -> dict:
-    """The config fields every tiny model shares: 3 layers, hidden 64, 4 query heads over 2 KV heads."""
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=initializer_range,
-    )
-
-
-def tiny_model(arch: str, tokenizer, seed: int = 0, initializer_range: float = 0.02) -> LoadedModel:
-    torch.manual_seed(seed)
-    common = tiny_fields(tokenizer, initializer_range)
-    classes = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "llama": (LlamaForCausalLM, LlamaConfig)}
-    model_class, config_class = classes[arch]
-    model = model_class(config_class(**common)).eval()
-    return LoadedModel(model, tokenizer, f"tiny-{arch}")
+    return train_tokenizer()
 
 
 @pytest.fixture(params=["qwen2", "llama"])

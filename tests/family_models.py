@@ -33,7 +33,7 @@ from transformers import (
 from kvzip_cli import LoadedModel
 from kvzip_cli.cache import layer_windows
 
-from conftest import tiny_fields
+from fixtures import tiny_fields
 
 WINDOW = 24  # sliding window of the sliding families: far shorter than the test document
 LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]

@@ -17,7 +17,7 @@ from kvzip_cli.cli import app
 from kvzip_cli.errors import KvcError
 from kvzip_cli.presets import PRESETS
 
-from conftest import DOCS, tiny_model
+from fixtures import DOCS, tiny_model
 
 TEXT = DOCS.joinpath("apache-2.0.txt").read_text()[:2500]
 runner = CliRunner()

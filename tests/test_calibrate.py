@@ -16,7 +16,7 @@ from kvzip_cli.calibrate import BIT_LADDER, RATIOS, Candidate, Target, Trial, se
 from kvzip_cli.cli import app
 from kvzip_cli.self_check import QUESTION_PROBES, RECONSTRUCTION_PROBES, SelfCheck, SelfCheckResult
 
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 BITS_PER_ENTRY = {8: 8.5, 4: 4.3, 3: 3.2, 2: 2.2}
 
@@ -88,7 +88,7 @@ def test_bad_targets(top1, kld, fragment):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return tiny_model("llama", tiny_tokenizer)
 

@@ -140,7 +140,7 @@ def test_load_corrupt_file(tmp_path, kvc_file):
 
 
 def test_load_wrong_model(tmp_path, kvc_file, tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     other = tmp_path / "other"
     lm = tiny_model("llama", tiny_tokenizer, seed=5)

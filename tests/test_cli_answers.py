@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kvzip_cli.cli import app
 
-from conftest import tiny_model
+from fixtures import tiny_model
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from kvc_format import KvcReader
 from kvzip_cli.cli import app
 
-from conftest import DOCS
+from fixtures import DOCS
 from kvc_compare import assert_same_cache
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ import pytest
 
 from kvc_format import KvcReader
 
-from conftest import DOCS
+from fixtures import DOCS
 from kvc_compare import assert_same_cache
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from kvzip_cli.pruning import score_context
 from kvzip_cli.rope import inverse_frequencies, rope_tables
 
 from attacks import assemble, rans_bad_tables, split
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 GOLDEN = Path(__file__).parent.parent / "format" / "golden"
 NAMES = sorted(p.name for p in GOLDEN.glob("*.kvc"))
@@ -134,7 +134,7 @@ def test_kvc_export_command(tmp_path):
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def prefilled(request, tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return prefill_document(TEXT, tiny_model(request.param, tiny_tokenizer), chunk_size=128)
 

@@ -19,7 +19,7 @@ from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.cli import app
 from kvzip_cli.pruning import score_context
 
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 
 def write_gguf(path, lm, **overrides):
@@ -77,7 +77,7 @@ def parse_state(data: bytes, layers: int, width: int) -> dict:
 
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return prefill_document(TEXT, tiny_model("llama", tiny_tokenizer), chunk_size=128)
 
@@ -231,7 +231,7 @@ def test_a_sliding_window_cache_is_refused_unless_its_windows_hold_every_positio
 
 
 def test_qwen2_file_is_refused(tmp_path, tiny_tokenizer, model_gguf):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     pre = prefill_document(TEXT, tiny_model("qwen2", tiny_tokenizer), chunk_size=128)
     write_kvc(pre, tmp_path / "q.kvc", codec="zstd", bits=16)

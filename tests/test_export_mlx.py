@@ -18,8 +18,8 @@ from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.pruning import score_context
 
 from attacks import ATTACKS, split
+from fixtures import TEXT
 from kvc_bytes import assemble, header_dict, raw_streams
-from test_pipeline import TEXT
 
 GOLDEN = Path(__file__).parent.parent / "format" / "golden"
 DENSE = sorted(p.name for p in GOLDEN.glob("dense-*.kvc") if "windows" not in p.name)
@@ -83,7 +83,7 @@ def test_float32_and_the_recorded_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def prefilled(tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return prefill_document(TEXT, tiny_model("llama", tiny_tokenizer), chunk_size=128)
 

@@ -18,20 +18,18 @@ from kvzip_cli.families import TESTED, check_config
 from kvzip_cli.pruning import score_context
 
 from attacks import split
-from conftest import DOCS
 from family_models import FAMILIES, PARTIAL_ROTARY, PRE_ROPE, SLIDING, WINDOW, family_model, masked_logits
+from fixtures import FAMILY_TEXT, cached, uncached
 from kvc_bytes import assemble
 from spec_reader import keys_with_rope, read_file
-from test_pipeline import cached, uncached
 
-TEXT = DOCS.joinpath("apache-2.0.txt").read_text()[:1000]  # ≈ 450 tokens: many sliding windows long
 QUESTION = "Who may use the work?"
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tiny_tokenizer):
     """(family name, its prefilled document)."""
-    return request.param, prefill_document(TEXT, family_model(request.param, tiny_tokenizer), chunk_size=100)
+    return request.param, prefill_document(FAMILY_TEXT, family_model(request.param, tiny_tokenizer), chunk_size=100)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -57,7 +55,7 @@ def test_lossless_is_exact(tmp_path, family):
     lm, path = pre.lm, tmp_path / "d.kvc"
     windows = layer_windows(lm.model.config)
     assert (WINDOW in windows) == (name in SLIDING) and pre.tokens > 10 * WINDOW
-    compress_text(TEXT, path, preset="lossless", model=lm, bits=32)
+    compress_text(FAMILY_TEXT, path, preset="lossless", model=lm, bits=32)
     kv = load(path, lm)
     ids = kv.prompt_ids(lm.tokenizer, QUESTION)
     want_tokens, want_logits = uncached(lm, ids, 8)
@@ -123,7 +121,7 @@ def test_pruned_comparison_sees_the_trait(tmp_path, tiny_tokenizer, monkeypatch,
     """Control for the test above: ignoring the sliding window, or Gemma 2's soft-capping, in the pruned cache's
     attention changes the logits, so the families' documents and configs exercise both."""
     lm = family_model(name, tiny_tokenizer)
-    pre = prefill_document(TEXT, lm, chunk_size=100)
+    pre = prefill_document(FAMILY_TEXT, lm, chunk_size=100)
     pruning, path = _pruned(tmp_path, pre, codec="zstd", bits=32)
     kv = load(path, lm)
     ids = kv.prompt_ids(lm.tokenizer, QUESTION)[0].tolist()
@@ -210,7 +208,7 @@ def test_a_file_made_for_other_windows_is_refused(tmp_path, tiny_tokenizer):
     """The fingerprint does not hold the window; the file's own windows (format 1.6) are checked against the model's
     before anything is read: a model given another window would attend past what the file holds."""
     lm = family_model("mistral", tiny_tokenizer)
-    compress_text(TEXT, tmp_path / "m.kvc", preset="lossless", model=lm)
+    compress_text(FAMILY_TEXT, tmp_path / "m.kvc", preset="lossless", model=lm)
     lm.model.config.sliding_window = 2 * WINDOW
     with pytest.raises(KvcError, match=f"made for a model with windows of {WINDOW} on .* has windows of {2 * WINDOW}"):
         load(tmp_path / "m.kvc", lm)
@@ -219,7 +217,7 @@ def test_a_file_made_for_other_windows_is_refused(tmp_path, tiny_tokenizer):
 def test_partial_rotary_needs_format_1_4(tmp_path, tiny_tokenizer):
     """RoPE on part of the head is recorded with fewer frequencies than head_dim / 2, which 1.4 allows: a file saying
     it is 1.3 is refused, and SPEC.md's own reader re-applies RoPE to the rotary channels as kvc_format does."""
-    pre = prefill_document(TEXT, family_model("phi3", tiny_tokenizer), chunk_size=100)
+    pre = prefill_document(FAMILY_TEXT, family_model("phi3", tiny_tokenizer), chunk_size=100)
     path = tmp_path / "p.kvc"
     write_kvc(pre, path, codec="ans", bits=4, quant=QuantOptions(pre_rope=True))
     header, sections, minor = split(path.read_bytes())
@@ -280,7 +278,7 @@ def test_unsupported_architectures_are_refused_before_the_prefill(tmp_path, tiny
     lm = LoadedModel(model_class(config).eval(), tiny_tokenizer, f"tiny-{name}")
     monkeypatch.setattr(sys.modules["kvzip_cli.cache_file"], "prefill", lambda *a, **k: pytest.fail("prefilled"))
     with pytest.raises(KvcError, match=why) as refused:
-        compress_text(TEXT, tmp_path / "x.kvc", model=lm, bits=4)
+        compress_text(FAMILY_TEXT, tmp_path / "x.kvc", model=lm, bits=4)
     assert "\n" not in str(refused.value)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(KvcError, match=why):

@@ -13,7 +13,7 @@ from kvzip_cli.key_units import ENERGY_FLOOR, QueryEnergy, key_units
 from kvzip_cli.load import load
 from kvzip_cli.prefill import prefill
 
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 
 def geomean(x: np.ndarray) -> float:
@@ -135,7 +135,7 @@ def test_observer_averages_over_chunks_and_batches():
 
 @pytest.fixture(scope="module")
 def prefilled(tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return prefill_document(TEXT, tiny_model("llama", tiny_tokenizer), chunk_size=100)
 

@@ -3,7 +3,6 @@ tiny models of every tested family."""
 
 import pytest
 import torch
-from test_families import TEXT
 
 from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.pruning import score_context
@@ -11,6 +10,7 @@ from kvzip_cli.scorers import ScoringInputs
 from kvzip_cli.scorers.kvzip_plus import KVzipPlusScorer, attention_modules, value_gram
 
 from family_models import FAMILIES, family_model
+from fixtures import FAMILY_TEXT
 
 
 def test_max_received_weights_each_weight_before_the_maximum():
@@ -40,7 +40,7 @@ def test_value_gram_gives_the_norm_of_what_each_head_writes():
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tiny_tokenizer):
-    return prefill_document(TEXT, family_model(request.param, tiny_tokenizer), chunk_size=100)
+    return prefill_document(FAMILY_TEXT, family_model(request.param, tiny_tokenizer), chunk_size=100)
 
 
 def test_every_family_has_its_output_projections_found(family):
@@ -55,7 +55,7 @@ def test_every_family_has_its_output_projections_found(family):
 def test_scaling_a_layers_output_projection_scales_its_scores(tiny_tokenizer):
     """The last layer's W_O feeds nothing the scoring passes read (the cache and every layer's input are the same), so
     doubling it doubles that layer's KVzip+ scores and leaves the others; plain KVzip ignores W_O."""
-    pre = prefill_document(TEXT, family_model("llama3", tiny_tokenizer), chunk_size=100)
+    pre = prefill_document(FAMILY_TEXT, family_model("llama3", tiny_tokenizer), chunk_size=100)
     inputs = ScoringInputs(pre.lm.model, pre.lm.tokenizer, pre.cache, pre.layout)
     before = KVzipPlusScorer().score(inputs)
     _, projection = attention_modules(pre.lm.model)[len(pre.cache.layers) - 1]

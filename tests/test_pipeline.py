@@ -4,32 +4,12 @@ import pytest
 import torch
 
 from kvc_format import KvcReader, KvcWriter
-from kvzip_cli import KvcError, LoadedModel, compress_text, load
+from kvzip_cli import KvcError, compress_text, load
 from kvzip_cli.document import layout_prompt
 from kvzip_cli.load import ask
 from kvzip_cli.prefill import prefill
 
-from conftest import DOCS, tiny_model
-
-TEXT = DOCS.joinpath("apache-2.0.txt").read_text()[:2500]
-QUESTIONS = ["What is licensed?", "Who grants the patent license?"]
-
-
-def uncached(lm: LoadedModel, ids: torch.Tensor, new_tokens: int):
-    with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                do_sample=False, min_new_tokens=new_tokens, output_logits=True,
-                                return_dict_in_generate=True)
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.logits)
-
-
-def cached(lm: LoadedModel, kv, ids: torch.Tensor, new_tokens: int):
-    with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=kv.cache,
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
-    kv.reset()
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.logits)
+from fixtures import QUESTIONS, TEXT, cached, tiny_model, uncached
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
@@ -206,12 +186,12 @@ def test_exactness_check_detects_a_wrong_cache(tmp_path, tiny):
 def test_tokenizer_digest_is_reused_until_the_tokenizer_changes():
     from kvzip_cli.fingerprint import _cached_tokenizer_fields, tokenizer_digest
 
-    from conftest import _train_tokenizer
+    from fixtures import train_tokenizer
 
     def digest(tokenizer):
         return _cached_tokenizer_fields(tokenizer, 1024)["tokenizer_digest"]
 
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer()
     first = digest(tokenizer)
     assert first == tokenizer_digest(tokenizer) == digest(tokenizer)
     vocab = _cached_tokenizer_fields(tokenizer, 1024)["vocab"]

@@ -10,7 +10,7 @@ from kvzip_cli.bench.sweep import build_sweep
 from kvzip_cli.budget import allocate
 from kvzip_cli.errors import KvcError
 
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 LAYERS, HEADS, TOKENS = 3, 2, 100
 

@@ -18,14 +18,14 @@ from kvzip_cli.scorers import SCORERS, ScoringInputs
 from kvzip_cli.scorers.compactor import leverage
 from kvzip_cli.scorers.kvzip import KVzipScorer, max_received
 
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 QUESTION = "Who may use the work?"
 
 
 @pytest.fixture(scope="module")
 def prefilled(tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     lm = tiny_model("llama", tiny_tokenizer, initializer_range=0.2)
     return prefill_document(TEXT, lm, chunk_size=128)

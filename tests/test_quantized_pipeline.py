@@ -15,12 +15,12 @@ from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.load import ask
 from kvzip_cli.pruning import score_context
 
-from test_pipeline import QUESTIONS, TEXT
+from fixtures import QUESTIONS, TEXT
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def prefilled(request, tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return prefill_document(TEXT, tiny_model(request.param, tiny_tokenizer), chunk_size=128)
 

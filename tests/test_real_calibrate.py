@@ -6,7 +6,7 @@ import pytest
 from kvzip_cli import compress_text, load_model
 from kvzip_cli.calibrate import Target
 
-from conftest import DOCS
+from fixtures import DOCS
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,7 @@ from kvc_format import KvcReader
 from kvzip_cli import compress_text, load, load_model
 from kvzip_cli.load import ask
 
-from conftest import DOCS
-from test_pipeline import cached, uncached
+from fixtures import DOCS, cached, uncached
 
 pytestmark = pytest.mark.slow
 WINDOW, SLIDING, GLOBAL = 512, 15, 3  # Gemma 3 270M: layers 5, 11 and 17 are global

@@ -9,8 +9,7 @@ import torch
 
 from kvzip_cli import compress, load, load_model
 
-from conftest import DOCS
-from test_pipeline import cached, uncached
+from fixtures import DOCS, cached, uncached
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from kvzip_cli.bench.sweep import Setting
 from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.pruning import score_context
 
-from conftest import DOCS
+from fixtures import DOCS
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from kvzip_cli.bench.runner import run_bench
 from kvzip_cli.bench.sweep import Setting
 from kvzip_cli.presets import PRESETS
 
-from conftest import DOCS
+from fixtures import DOCS
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from kvzip_cli import load_model
 from kvzip_cli.model_files import packaged_gguf
 
-from conftest import DOCS
+from fixtures import DOCS
 from llama_cpp_runtime import EDGE, require_llama_cpp
 
 pytestmark = pytest.mark.slow

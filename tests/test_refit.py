@@ -15,7 +15,7 @@ from kvzip_cli.pruning import score_context
 from kvzip_cli.refit import BIAS_RANGE, MAX_QUERIES, ReferenceQueries, Refit, output_error, refit_values
 
 from family_models import family_model
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 
 def _random_head(seed: int, kv_heads: int = 2, group: int = 3, tokens: int = 96, dim: int = 16, queries: int = 80):

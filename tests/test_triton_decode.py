@@ -20,7 +20,7 @@ from kvzip_cli.load import choose_decoder
 from kvzip_cli.pruning import score_context
 
 from attacks import GOLDEN, edited, replace_payload, stream
-from test_pipeline import TEXT
+from fixtures import TEXT
 
 CPU = torch.device("cpu")
 QUANTIZED_GOLDEN = ["quantized-rans.kvc", "quantized-rope-channel.kvc", "quantized-zstd.kvc",
@@ -111,7 +111,7 @@ def test_corrupt_section_fails_on_the_device(tmp_path):
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def prefilled(request, tiny_tokenizer):
-    from conftest import tiny_model
+    from fixtures import tiny_model
 
     return prefill_document(TEXT, tiny_model(request.param, tiny_tokenizer), chunk_size=128)
 

@@ -3,8 +3,8 @@
     python format/golden/generate.py
 
 Each file stores the same small synthetic cache (2 layers, 2 KV heads, 500 tokens, head_dim 16) with one codec;
-`expected.json` records the SHA-256 of every decoded array, so tests/test_golden.py fails if a reader change stops
-decoding them exactly as this version did. Files of format 1.2: dense raw/zstd, pruned zstd, quantized rans, zstd
+`expected.json` records the SHA-256 of every decoded array, so tests/format/test_golden.py fails if a reader change
+stops decoding them exactly as this version did. Files of format 1.2: dense raw/zstd, pruned zstd, quantized rans, zstd
 and raw-minmax. Of 1.3: dense bfloat16, and a quantized file exercising what the reference writer does not emit
 (keys stored without RoPE with their frequencies, bfloat16 exact rows, per-channel rANS tables on lanes of 100 rows,
 layer tables on lanes of the maximum 4096 rows, 4 value groups). Of 1.5: a pruned file with a logit bias on every

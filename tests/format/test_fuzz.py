@@ -1,4 +1,5 @@
-"""Fuzz the `.kvc` reader for KVC_FUZZ_SECONDS seconds (default 120) with mutated golden files (tests/fuzzing.py).
+"""Fuzz the `.kvc` reader for KVC_FUZZ_SECONDS seconds (default 120) with mutated golden files
+(tests/format/fuzzing.py).
 
 Every input must decode or raise a KvcFormatError subclass; the reader runs in a worker subprocess with a capped
 address space and a per-input timeout. KVC_FUZZ_SEED sets the seed (default 1, so CI runs are repeatable; long
@@ -6,8 +7,8 @@ runs should try new seeds) and KVC_FUZZ_SAVE_DIR keeps the failing inputs somewh
 
 A long run, outside pytest (a random seed unless --seed is given):
 
-    python tests/fuzzing.py --seconds 3600 --save-dir /tmp/fuzz-finds
-    python tests/fuzzing.py --replay /tmp/fuzz-finds/<saved input>.kvc
+    python tests/format/fuzzing.py --seconds 3600 --save-dir /tmp/fuzz-finds
+    python tests/format/fuzzing.py --replay /tmp/fuzz-finds/<saved input>.kvc
 """
 
 import os

@@ -1,5 +1,5 @@
 """Crafted hostile `.kvc` files, at least one per attack class of FORMAT-LESSONS.md, each with the typed error a
-reader must raise. Built by hand from SPEC.md (tests/kvc_bytes.py) or by editing a golden file and re-assembling
+reader must raise. Built by hand from SPEC.md (tests/format/kvc_bytes.py) or by editing a golden file and re-assembling
 it with correct checksums, so that each attack reaches the check it targets instead of a checksum mismatch.
 """
 
@@ -23,7 +23,7 @@ from kvc_bytes import (
     valid_pruned_file,
 )
 
-GOLDEN = Path(__file__).parent.parent / "format" / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "format" / "golden"  # the repository's format/golden
 PACK = {"use_bin_type": True}
 
 
@@ -532,3 +532,13 @@ ATTACKS = [
     Attack(1, "a section keeping more than its window holds", section_kept_beyond_its_window, "LimitError"),
     Attack(1, "cache.kept beyond what the windows hold", header_kept_beyond_the_windows, "LimitError"),
 ]
+IDS = [f"{a.number:02d}-{a.name}" for a in ATTACKS]  # test ids: the attack class, then what the file does
+
+
+def write_crafted(folder: Path) -> dict[str, Path]:
+    """Every attack's crafted file written under `folder`, by its id."""
+    paths = {}
+    for attack, name in zip(ATTACKS, IDS, strict=True):
+        paths[name] = folder / f"{name.replace(' ', '_').replace('/', '_')}.kvc"
+        paths[name].write_bytes(attack.build())
+    return paths

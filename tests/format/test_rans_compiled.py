@@ -9,7 +9,7 @@ import pytest
 from kvc_format import CodecError, KvcReader, rans
 
 from attacks import GOLDEN
-from test_rans import coded
+from rans_data import coded
 
 if rans._compiled() is None:
     if os.environ.get("CI"):

@@ -1,8 +1,8 @@
 """A second, minimal `.kvc` reader written from SPEC.md alone (not from `kvc_format`).
 
-Its purpose is to prove the spec complete: tests/test_spec_reader.py checks that it decodes every golden file exactly
-like the reference reader. It follows the spec's decoding rules and checks the CRCs, the framing and the decoding
-invariants, but it is not a hardened reader: it does not attempt every check §4–§9 require.
+Its purpose is to prove the spec complete: tests/format/test_spec_reader.py checks that it decodes every golden file
+exactly like the reference reader. It follows the spec's decoding rules and checks the CRCs, the framing and the
+decoding invariants, but it is not a hardened reader: it does not attempt every check §4–§9 require.
 
     read_file(path) -> SpecFile(version, header, layers), each layer a SpecLayer(keys, values, positions, bias)
 

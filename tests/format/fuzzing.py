@@ -15,8 +15,8 @@ correct lengths, offsets and CRCs so the input reaches the deep code: random fie
 tables...), rANS states, codec and shape changes, dropped/duplicated/spliced sections, geometry edits (sliding windows
 included: the 1.6 golden files are among the seeds).
 
-    python tests/fuzzing.py --seconds 600 --seed 1 --save-dir /tmp/fuzz-finds
-    python tests/fuzzing.py --replay /tmp/fuzz-finds/exception-s1-i123.kvc
+    python tests/format/fuzzing.py --seconds 600 --seed 1 --save-dir /tmp/fuzz-finds
+    python tests/format/fuzzing.py --replay /tmp/fuzz-finds/exception-s1-i123.kvc
 
 Input i of seed s is generated from its own `random.Random(f"{s}/{i}")`: a run is deterministic given its seed.
 """
@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-GOLDEN_DIR = Path(__file__).resolve().parent.parent / "format" / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parents[2] / "format" / "golden"
 SAVE_PER_SIGNATURE = 20
 FOOTER = 24
 ALIGN = 64
@@ -1033,7 +1033,7 @@ class FuzzReport:
             lines += [f"  input {f.index}: saved {f.path}" for f in saved[:3]]
             if saved and saved[0].detail.strip():
                 lines.append("  " + saved[0].detail.strip().splitlines()[-1])
-        lines.append(f"replay one with: python tests/fuzzing.py --replay FILE (saved under {self.save_dir})")
+        lines.append(f"replay one with: python tests/format/fuzzing.py --replay FILE (saved under {self.save_dir})")
         return "\n".join(lines)
 
 

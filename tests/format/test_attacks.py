@@ -1,5 +1,6 @@
-"""One crafted file per attack class of FORMAT-LESSONS.md (tests/attacks.py): each is refused with its typed error,
-quickly and with bounded memory, by the library, `python -m kvc_format`, `kvc verify` and `kvc load`."""
+"""One crafted file per attack class of FORMAT-LESSONS.md (tests/format/attacks.py): each is refused with its typed
+error, quickly and with bounded memory, by the library and `python -m kvc_format` (`kvc verify` and `kvc load`:
+tests/test_cli_attacks.py)."""
 
 import ast
 import os
@@ -12,33 +13,20 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import kvc_format
 from kvc_format import ChecksumError, KvcFormatError, KvcReader, TruncatedError
-from kvzip_cli.cli import app
 
-from attacks import ATTACKS, Attack
+from attacks import ATTACKS, GOLDEN, IDS, Attack
 
 FORMAT_DIR = Path(kvc_format.__file__).parent
 PEAK_BYTES = 16 << 20  # what refusing any crafted file may allocate (Python and numpy allocations, tracemalloc)
-IDS = [f"{a.number:02d}-{a.name}" for a in ATTACKS]
 
 
 def refuse(path: Path, attack: Attack) -> None:
     with KvcReader(path) as reader:
         assert attack.stage == "verify", "the file opened: its attack should be caught on open"
         reader.verify()
-
-
-@pytest.fixture(scope="module")
-def crafted(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("attacks")
-    paths = {}
-    for attack, name in zip(ATTACKS, IDS, strict=True):
-        paths[name] = folder / f"{name.replace(' ', '_').replace('/', '_')}.kvc"
-        paths[name].write_bytes(attack.build())
-    return paths
 
 
 def test_every_attack_class_has_a_crafted_file():
@@ -61,17 +49,6 @@ def test_crafted_file_gives_its_typed_error_fast_and_small(crafted, attack):
     assert type(caught.value).__name__ == attack.error, caught.value
     assert seconds < 1.0
     assert peak < PEAK_BYTES, f"{peak / 2**20:.1f} MiB"
-
-
-def test_kvc_verify_and_load_print_one_line(crafted, tiny_folder):
-    runner = CliRunner()
-    for name, path in crafted.items():
-        for argv in (["verify", str(path)], ["load", str(path), "--model", str(tiny_folder)]):
-            result = runner.invoke(app, argv)
-            lines = result.stderr.strip().splitlines()
-            assert result.exit_code == 1, (name, argv, result.output)
-            assert len(lines) == 1 and lines[0].startswith("error: "), (name, argv, result.stderr)
-            assert "Traceback" not in result.output and "internal error" not in result.output
 
 
 def test_edge_reader_command_prints_one_line(crafted):
@@ -120,9 +97,6 @@ def test_format_package_never_unpickles_or_evaluates():
 
 
 # --- 13. file changed while open ------------------------------------------------------------------------------
-
-GOLDEN = FORMAT_DIR / "golden"
-
 
 def test_section_rewritten_under_an_open_reader_fails_its_checksum(tmp_path):
     path = tmp_path / "doc.kvc"

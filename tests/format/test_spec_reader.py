@@ -1,9 +1,8 @@
-"""SPEC.md is complete: a reader written from it alone (tests/spec_reader.py) decodes every golden file exactly like
-the reference reader, and its arrays hash as format/golden/expected.json records."""
+"""SPEC.md is complete: a reader written from it alone (tests/format/spec_reader.py) decodes every golden file exactly
+like the reference reader, and its arrays hash as format/golden/expected.json records."""
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ import pytest
 from kvc_format import KvcReader, load_file
 
 import attacks
+from attacks import GOLDEN
 from spec_reader import SpecError, SpecLayer, keys_with_rope, read_file
 
-GOLDEN = Path(__file__).parent.parent / "format" / "golden"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 NAMES = sorted(p.name for p in GOLDEN.glob("*.kvc"))
 def narrow(array: np.ndarray, dtype: str) -> np.ndarray:

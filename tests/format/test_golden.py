@@ -2,14 +2,14 @@
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvc_format import KvcReader
 
-GOLDEN = Path(__file__).parent.parent / "format" / "golden"
+from attacks import GOLDEN
+
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 
 
