@@ -103,7 +103,8 @@ def _pool(scores: torch.Tensor, protected: torch.Tensor, visible: torch.Tensor) 
     """scores (layers, kv_heads, tokens), protected (tokens,), visible (layers, tokens) → (tokens,) float64: for
     each document position, the mean over the (layer, head) entries holding it of their ranks among all the
     document's held entries (0 at protected positions, −inf at a position no layer holds)."""
-    # Global ranks: scale-free for any scorer, lowest kld of 8 poolings (examples/results/position-allocation.md).
+    # Global ranks: scale-free for any scorer, lowest kld of 8 poolings tried (that comparison was not kept; the
+    # shipped pooling's figures are in examples/results/position/).
     held = (visible & ~protected)[:, None, :].expand(scores.shape)
     ranks = torch.full(scores.shape, math.nan, dtype=torch.float64)
     document = scores[held]

@@ -1,5 +1,5 @@
 """Named compression presets: each a documented combination of ratio, scorer, bits and codec, chosen from the bench
-(examples/results/presets.md). Options given explicitly override the preset's."""
+(examples/results/frontier/ and examples/results/logit-bias-bench/). Options given explicitly override the preset's."""
 
 from dataclasses import dataclass
 

@@ -83,7 +83,7 @@ def test_llama_cpp_tokenizes_the_question_as_kvc_does(files, answers):
 
 def test_llama_cpp_computes_what_transformers_computes_from_the_same_file(answers):
     # llama.cpp runs its Q4_1 weights directly, kvc's transformers model the same weights dequantized to float32:
-    # measured kld 0.003-0.004 nats between the two on every setting (examples/results/edge/README.md). A wrong
+    # measured kld 0.003-0.004 nats between the two on every setting (examples/results/edge/llama-cpp.md). A wrong
     # channel order, position or V layout costs far more than this bound.
     for name in SETTINGS:
         assert answers["transformers"][name]["kld"] <= 0.02 and answers["transformers"][name]["top1"] >= 0.85, name
