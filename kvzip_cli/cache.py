@@ -78,15 +78,18 @@ class SlidingContextLayer(DynamicLayer):
         self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
 
+def context_positions(held: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(kv_heads, tokens, head_dim) from a layer's keys or values (kv_heads, n, head_dim), the context's last n
+    positions: zeros before them (a sliding-window layer's; nothing reads those, its own cache does not hold them)."""
+    missing = tokens - held.shape[1]
+    if missing == 0:
+        return held
+    return torch.cat([held.new_zeros(held.shape[0], missing, held.shape[2]), held], dim=1)
+
+
 def context_kv(layer: CacheLayerMixin, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prefilled layer's keys and values (kv_heads, tokens, head_dim) at every position of the context, zeros
-    before the positions a sliding-window layer holds (which nothing reads: its own cache does not hold them)."""
-    keys, values = layer.keys[0], layer.values[0]
-    held = keys.shape[1]
-    if held == tokens:
-        return keys, values
-    pad = keys.new_zeros(keys.shape[0], tokens - held, keys.shape[2])
-    return torch.cat([pad, keys], dim=1), torch.cat([pad, values], dim=1)
+    """A prefilled layer's keys and values (kv_heads, tokens, head_dim) at every position of the context."""
+    return context_positions(layer.keys[0], tokens), context_positions(layer.values[0], tokens)
 
 
 def dense_layer(keys: torch.Tensor, values: torch.Tensor, window: int | None, context_length: int) -> DynamicLayer:

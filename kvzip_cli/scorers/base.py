@@ -9,7 +9,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvc_format import CacheGeometry
 
-from ..cache import context_geometry, context_kv
+from ..cache import context_geometry, context_positions
 from ..document import PromptLayout
 from ..progress import TaskFactory, silent_task
 
@@ -38,8 +38,8 @@ class ScoringInputs:
     def stacked(self, which: str) -> torch.Tensor:
         """(layers, kv_heads, tokens, head_dim) keys or values, float32 (zeros where a sliding-window layer holds
         nothing; score_context rates those entries −inf)."""
-        pick = 0 if which == "keys" else 1
-        return torch.stack([context_kv(layer, self.tokens)[pick].float() for layer in self.cache.layers])
+        return torch.stack([context_positions(getattr(layer, which)[0], self.tokens).float()
+                            for layer in self.cache.layers])
 
 
 class Scorer(Protocol):
