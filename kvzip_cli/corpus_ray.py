@@ -93,8 +93,11 @@ def run_ray(sources: list[str], out_dir: Path, options: dict, recorded: dict, *,
 
 # Ray Data's executor waits only 2 s for its scheduling thread when a job stops early; on a loaded machine that
 # thread (or the metadata prefetcher) still runs when ray.shutdown() tears the core worker down, and Ray then
-# prints a C++ notice after kvc's error line. They end on their own once the job is stopped: wait for them.
-_RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch")
+# prints a C++ notice after kvc's error line. The same holds for the row iterator's worker threads, which fetch
+# blocks from the core worker: seen alive at shutdown when a model fails to load (and the notice once in CI). They
+# end on their own once the job is stopped: wait for them. (Its block prefetcher ends only when stopped, and waits
+# parked, away from the core worker: not joined.)
+_RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch", "iter_threaded")
 
 
 def _join_ray_data_threads(timeout: float = 60.0) -> None:
