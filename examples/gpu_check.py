@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 import kvzip_cli
-from kvzip_cli import kernels
 from kvzip_cli.bench.lengths import as_json, check_lengths, document_of, parse_lengths, run_lengths
 from kvzip_cli.bench.lengths_report import print_lengths
-from kvzip_cli.cache import PrunedCache
-from kvzip_cli.load import ask
+from kvzip_cli.load import kernels
+from kvzip_cli.load.answer import ask
+from kvzip_cli.load.pruned_cache import PrunedCache
 
 DOCS = Path(__file__).parent / "docs"
 QUESTIONS = ("Who is the licensor?", "What must a redistribution include?")

@@ -1,34 +1,30 @@
-"""Compress a document once (a preset: balanced keeps 25% of the KV, refit, 3-bit, entropy-coded), then answer several
-questions with `model.generate`.
+"""Compress a document once, then answer questions from the file. Run it from the repository root:
 
-    python examples/python_api.py [DOC] [PRESET]
+    python examples/python_api.py
+
+The README's "Python API" block is this program (tests/test_readme_python.py runs it). A few minutes on
+2 CPU cores, most of it the compression; it writes apache.kvc in the current folder.
 """
-
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
 import kvzip_cli
 
-doc = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parent / "docs" / "apache-2.0.txt")
-preset = sys.argv[2] if len(sys.argv) > 2 else "balanced"  # or "lossless", "small"
-questions = ["Who is the licensor?", "What does the license say about patents?", "Can I redistribute the work?"]
+lm = kvzip_cli.load_model("smollm2")  # the embedded SmolLM2-135M-Instruct: no network needed
 
-lm = kvzip_cli.load_model("smollm2")  # the embedded SmolLM2-135M-Instruct, no network needed
-with tempfile.TemporaryDirectory() as tmp:
-    path = Path(tmp) / "doc.kvc"
-    made = kvzip_cli.compress(doc, path, model=lm, preset=preset)  # ratio=, bits=, codec=, scorer= override it
-    print(f"compressed {made.tokens} tokens, kept {made.kept_ratio:.0%} of the KV, into {made.file_bytes / 1e6:.1f} MB "
-          f"({made.compression:.1f}x) in {made.seconds:.1f} s")
+# Prefill the document once, score and prune it, quantize it: the slow part (progress on stderr).
+made = kvzip_cli.compress("examples/docs/apache-2.0.txt", "apache.kvc", model=lm, progress=True)
+print(f"{made.tokens:,} tokens -> {made.file_bytes / 1e6:.1f} MB, {made.compression:.1f}x smaller than the fp16 cache")
 
-    kv = kvzip_cli.load(path, lm.model, lm.tokenizer)  # a pruned file switches the model to kvc's attention
-    print(f"{made.bits}-bit {made.codec}: {made.bits_per_element:.2f} bits per kept element")
-    print(f"loaded in {kv.load_seconds:.2f} s (prefill took {made.prefill_seconds:.2f} s)\n")
-    for question in questions:
-        ids = kv.prompt_ids(lm.tokenizer, question)  # cached document tokens + the question's tokens
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=kv.cache,
-                                max_new_tokens=48, do_sample=False)
-        print(f"Q: {question}\nA: {lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}\n")
-        kv.reset()  # generate appended the question and answer; drop them before the next question
+# Load the file (fast) and ask: ask() appends the question to the cached document and decodes greedily.
+kv = kvzip_cli.load("apache.kvc", lm.model, lm.tokenizer)
+answer = kvzip_cli.ask(lm.model, lm.tokenizer, kv, "Who is the licensor?", max_new_tokens=48)
+print("Q: Who is the licensor?\nA:", answer.text)
+
+# Or generate yourself: the cache is an ordinary transformers cache.
+ids = kv.prompt_ids(lm.tokenizer, "Can I redistribute the work?")  # the document's ids + the question's
+out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=kv.cache,
+                        max_new_tokens=48, do_sample=False)
+text = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+print("Q: Can I redistribute the work?\nA:", text)
+kv.reset()  # generate appended the question and its answer to the cache: drop them before the next question
