@@ -25,9 +25,10 @@ from .mlx_cache import export_mlx
 from .positions import decode_positions, encode_positions
 from .reader import CacheGeometry, KvcReader, StoredArray, StoredLayer
 from .rope import apply_rope
-from .writer import KvcWriter, Stream
+from .writer import KvcWriter, Stream, rewrite_header
 
 __all__ = [
+    "rewrite_header",
     "MAJOR_VERSION",
     "MINOR_VERSION",
     "BadMagicError",

@@ -88,7 +88,7 @@ def export_mlx(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
     `model` is the path or Hugging Face repo MLX-LM is to load (default: the model name the `.kvc` records);
     `tokenizer_config` its tokenizer options (default: cache_prompt's). Keys and values are float16 (exactly a
     lossless `.kvc`'s 16-bit floats; from 4-bit files the same answers as float32 in MLX-LM,
-    examples/results/edge-mlx.md) or float32. Returns the bytes written."""
+    studies/edge/results/edge-mlx.md) or float32. Returns the bytes written."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, not {dtype!r}")
     np_dtype = EXPORT_DTYPES[dtype][1]

@@ -16,7 +16,8 @@ from . import codecs, rans
 from .constants import bfloat16_to_float32
 from .errors import MetadataError
 from .positions import encode_positions
-from .quant import (
+from .rope import rotate_rows
+from .scalar_quantizers import (
     KEY_CENTRE,
     KEY_LEVELS,
     KeyCode,
@@ -28,7 +29,6 @@ from .quant import (
     quantize_values,
     quantize_values_uniform,
 )
-from .rope import rotate_rows
 
 LANE_ROWS = 1024
 MAX_LANE_ROWS = 4096  # bounds what a payload can expand to: at most MAX_LANE_ROWS symbols per 4-byte lane state
@@ -101,7 +101,7 @@ def from_lanes(flat: np.ndarray, rows_per_head: np.ndarray, dim: int) -> np.ndar
 
 def _ideal_bytes(hist: np.ndarray, freq: np.ndarray) -> float:
     used = hist > 0
-    return float(-(hist[used] * np.log2(freq[used] / rans.M)).sum()) / 8
+    return float(-(hist[used] * np.log2(freq[used] / rans.PROB_SCALE)).sum()) / 8
 
 
 def encode_symbols(symbols: np.ndarray, rows_per_head: np.ndarray, alphabet: int,

@@ -2,8 +2,8 @@
 
 The model (normative: the format specification describes exactly this):
 
-* `PROB_BITS = 12`, `M = 4096`, state lower bound `L = 2**16`; states are unsigned 32-bit values in [L, 2**32) and
-  the renormalisation unit is one 16-bit word.
+* `PROB_BITS = 12`, M = `PROB_SCALE` = 4096, state lower bound L = `STATE_LOW` = 2**16; states are unsigned
+  32-bit values in [L, 2**32) and the renormalisation unit is one 16-bit word.
 * A table is a uint16 vector `freq` of length A (2 <= A <= 256) summing to exactly M, with `cum[s] = sum(freq[:s])`.
   Only symbols with `freq[s] >= 1` can be coded.
 * The N uint8 symbols are cut into lanes by `lane_lengths` (lane i holds the next `lane_lengths[i]` symbols) and lane
@@ -35,12 +35,12 @@ import numpy as np
 from .errors import CodecError
 
 PROB_BITS = 12
-M = 1 << PROB_BITS
-L = 1 << 16
+PROB_SCALE = 1 << PROB_BITS
+STATE_LOW = 1 << 16
 WORD_BITS = 16
 MAX_ALPHABET = 256
 
-_SLOT_MASK = M - 1
+_SLOT_MASK = PROB_SCALE - 1
 _EMIT_SHIFT = 32 - PROB_BITS
 # The decoder's slot -> symbol lookup holds one byte per bucket of 2**shift slots per table; the shift grows until
 # the lookup fits in this many bytes (it never holds more than one byte per slot, nor fewer than one per table).
@@ -67,10 +67,10 @@ def validate_tables(freq: np.ndarray, alphabet: int) -> None:
         raise CodecError(f"frequency tables have shape {freq.shape}, expected (T, {int(alphabet)})")
     if freq.shape[0]:
         sums = freq.sum(axis=1, dtype=np.int64)
-        bad = np.flatnonzero(sums != M)
+        bad = np.flatnonzero(sums != PROB_SCALE)
         if bad.size:
             t = int(bad[0])
-            raise CodecError(f"frequency table {t} sums to {int(sums[t])}, not {M}")
+            raise CodecError(f"frequency table {t} sums to {int(sums[t])}, not {PROB_SCALE}")
 
 
 def _tables(freq: np.ndarray) -> np.ndarray:
@@ -108,10 +108,10 @@ def quantize_frequencies(counts: np.ndarray) -> np.ndarray:
         counts = np.where(used, np.maximum(counts >> shift, 1), 0)
     total = counts.sum(axis=1, keepdims=True)
     safe_total = np.maximum(total, 1)
-    scaled = counts * M
+    scaled = counts * PROB_SCALE
     freq = np.where(used, np.maximum(scaled // safe_total, 1), 0)
     remainder = scaled % safe_total
-    deficit = M - freq.sum(axis=1)  # > 0: short of M; < 0: over M because of the raises to 1
+    deficit = PROB_SCALE - freq.sum(axis=1)  # > 0: short of M; < 0: over M because of the raises to 1
 
     columns = np.arange(alphabet)
     short = (deficit > 0) & (total[:, 0] > 0)
@@ -137,7 +137,7 @@ def quantize_frequencies(counts: np.ndarray) -> np.ndarray:
         np.put_along_axis(rank, order, columns[None, :], axis=1)
         freq[over] -= take + (rank < left[:, None])
     empty = total[:, 0] == 0
-    freq[empty, 0] = M
+    freq[empty, 0] = PROB_SCALE
     return freq.astype(np.uint16)
 
 
@@ -232,7 +232,7 @@ def encode(symbols: np.ndarray, lane_lengths: np.ndarray, lane_tables: np.ndarra
     starts = np.cumsum(lengths) - lengths
     table_base = (tables * alphabet).astype(np.uint64)
 
-    x_all = np.full(n_lanes, L, dtype=np.uint64)
+    x_all = np.full(n_lanes, STATE_LOW, dtype=np.uint64)
     # Lanes join as t descends (lane i is active for t < lengths[i]); the active arrays stay in lane order.
     joining = np.argsort(lengths, kind="stable")[::-1]  # by length descending
     joining = joining[lengths[joining] > 0]
@@ -332,10 +332,10 @@ def prepare_batch(items: Sequence[DecodeItem]) -> LaneBatch:
             states, words = _split_payload(payload, lengths.size)
         except CodecError as error:
             raise CodecError(f"{where}{error}") from None
-        low = np.flatnonzero(states < L)
+        low = np.flatnonzero(states < STATE_LOW)
         if low.size:
             lane = int(low[0])
-            raise CodecError(f"{where}lane {lane}: stored state {int(states[lane])} is below {L}")
+            raise CodecError(f"{where}lane {lane}: stored state {int(states[lane])} is below {STATE_LOW}")
         lane_len.append(lengths)
         lane_tab.append(tables + n_tables)
         lane_state.append(states)
@@ -365,10 +365,10 @@ def prepare_batch(items: Sequence[DecodeItem]) -> LaneBatch:
         item_words=item_words,
         item_symbols=item_symbols,
     )
-    idle = np.flatnonzero((batch.lengths == 0) & (batch.states != L))
+    idle = np.flatnonzero((batch.lengths == 0) & (batch.states != STATE_LOW))
     if idle.size:
         lane = int(idle[0])
-        raise batch.lane_error(lane, f"empty lane stores state {int(batch.states[lane])}, not {L}")
+        raise batch.lane_error(lane, f"empty lane stores state {int(batch.states[lane])}, not {STATE_LOW}")
     return batch
 
 
@@ -422,7 +422,7 @@ def warm_up() -> str:
     chosen = decoder()
     if chosen == "compiled":
         symbols = np.zeros(4, dtype=np.uint8)
-        freq = np.array([[M - 1, 1]], dtype=np.uint16)
+        freq = np.array([[PROB_SCALE - 1, 1]], dtype=np.uint16)
         lanes, tables = np.array([symbols.size]), np.array([0])
         decode(encode(symbols, lanes, tables, freq), lanes, tables, freq)
     return chosen
@@ -456,7 +456,7 @@ def _symbol_lookup(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     following = np.minimum(following, alphabet - 1)
     packed = (freq64 | (following << 16) | (cum << 32)).astype(np.uint64).reshape(-1)
     shift = 0
-    while shift < PROB_BITS and n_tables * (M >> shift) > _LOOKUP_BUDGET:
+    while shift < PROB_BITS and n_tables * (PROB_SCALE >> shift) > _LOOKUP_BUDGET:
         shift += 1
     bucket = 1 << shift
     first = (cum + bucket - 1) >> shift
@@ -495,7 +495,7 @@ def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, ite
     results = np.zeros((batch.item_lanes.size, 4), dtype=np.int64)
     kernel.decode_items(out, batch.states.astype(np.int64), words, batch.lengths, batch.tables, starts,
                         lane_end - batch.item_lanes, lane_end, item_ptr, item_end, cum, cum_start, first, bucket,
-                        BUCKET_BITS, PROB_BITS, L, WORD_BITS, results)
+                        BUCKET_BITS, PROB_BITS, STATE_LOW, WORD_BITS, results)
     failed = results[results[:, 0] != kernel.OK]
     if not failed.size:
         return
@@ -503,7 +503,7 @@ def _compiled_steps(out: np.ndarray, batch: LaneBatch, item_ptr: np.ndarray, ite
     status, lane, step, state = min(failed.tolist(), key=lambda r: (r[2], order[r[0]], r[1]))
     if status == kernel.TRUNCATED:
         raise batch.lane_error(lane, f"payload is truncated (step {step})")
-    raise batch.lane_error(lane, f"final state {state} is not {L}: the payload is corrupt")
+    raise batch.lane_error(lane, f"final state {state} is not {STATE_LOW}: the payload is corrupt")
 
 
 def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: np.ndarray, shift: int,
@@ -521,7 +521,7 @@ def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: 
     x = states[active]
     pos = starts[active]
     length = lengths[active]
-    lbase = (tables[active] * (M >> shift)).astype(np.uint64)
+    lbase = (tables[active] * (PROB_SCALE >> shift)).astype(np.uint64)
     tbase = (tables[active] * alphabet).astype(np.uint64)
     item = lane_item[active]
     lane_id = active
@@ -535,7 +535,7 @@ def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: 
     c_shift = np.uint64(32)
     next_shift = np.uint64(16)
     u_shift = np.uint64(shift)
-    u_low = np.uint64(L)
+    u_low = np.uint64(STATE_LOW)
     word_bits = np.uint64(WORD_BITS)
     for t in range(steps):
         slot = x & slot_mask
@@ -584,7 +584,7 @@ def _numpy_steps(out: np.ndarray, batch: LaneBatch, packed: np.ndarray, lookup: 
             bad = np.flatnonzero(x[done] != u_low)
             if bad.size:
                 lane = int(lane_id[done][bad[0]])
-                raise fail(lane, f"final state {int(x[done][bad[0]])} is not {L}: the payload is corrupt")
+                raise fail(lane, f"final state {int(x[done][bad[0]])} is not {STATE_LOW}: the payload is corrupt")
             x, pos, length, lbase, tbase, item, lane_id = (
                 a[keep] for a in (x, pos, length, lbase, tbase, item, lane_id)
             )

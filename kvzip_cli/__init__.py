@@ -13,20 +13,23 @@ import types
 
 __version__ = "0.6.0"
 
-from .errors import KvcError, UsageError  # noqa: E402
+from .errors import KvcError, UsageError
 
 # The public names that need torch and transformers are imported on first use, so that the commands which need no
 # model (`kvc verify`, `inspect`, `export`, `version`, `models`) start in a fraction of a second.
 _LAZY = {
-    "CompressResult": "compress",
-    "compress": "compress",
-    "compress_text": "compress",
-    "Answer": "load",
-    "LoadedKV": "load",
-    "ask": "load",
-    "load": "load",
-    "LoadedModel": "models",
-    "load_model": "models",
+    "CompressResult": "compress.result",
+    "Settings": "compress.settings",
+    "compress": "compress.pipeline",
+    "compress_text": "compress.pipeline",
+    "Answer": "load.answer",
+    "ask": "load.answer",
+    "LoadedKV": "load.loader",
+    "load": "load.loader",
+    "FileReport": "report",
+    "inspect": "report",
+    "LoadedModel": "models.loading",
+    "load_model": "models.loading",
 }
 
 
@@ -34,7 +37,7 @@ class _Package(types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         # The submodules `compress` and `load` share their names with public functions: importing them (which sets
         # the package attribute) must not hide the functions.
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in _LAZY:
             return
         super().__setattr__(name, value)
 

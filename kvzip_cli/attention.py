@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .cache import PrunedLayer
+from .load.pruned_cache import PrunedLayer
 
 NAME = "kvc"
 EAGER_NAME = "kvc_eager"

@@ -3,10 +3,12 @@
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .errors import KvcError
+
+if TYPE_CHECKING:  # transformers is imported by the commands that load a model, not to read a document
+    from transformers import PreTrainedTokenizerBase
 
 QUESTION_MARK = "\ue000kvc-question\ue000"  # a private-use placeholder no real text contains
 DOCUMENT_QUESTION_SEPARATOR = "\n\n"
@@ -71,7 +73,7 @@ def _document_span(tokenizer, text: str, document: str, ids: list[int], special:
     return start, max(start, end)
 
 
-def layout_prompt(tokenizer: PreTrainedTokenizerBase, document: str) -> PromptLayout:
+def layout_prompt(tokenizer: "PreTrainedTokenizerBase", document: str) -> PromptLayout:
     """Split the full prompt for (document, question) at the question, so the document part can be cached."""
     if tokenizer.chat_template:
         content = document + DOCUMENT_QUESTION_SEPARATOR + QUESTION_MARK
@@ -87,7 +89,7 @@ def layout_prompt(tokenizer: PreTrainedTokenizerBase, document: str) -> PromptLa
     return PromptLayout(ids, " ", "\nAnswer:", "plain", *_document_span(tokenizer, text, document, ids, True))
 
 
-def question_ids(tokenizer: PreTrainedTokenizerBase, question_prefix: str, question_suffix: str, question: str):
+def question_ids(tokenizer: "PreTrainedTokenizerBase", question_prefix: str, question_suffix: str, question: str):
     if not question.strip():
         raise KvcError("the prompt is empty")
     return tokenizer(question_prefix + question + question_suffix, add_special_tokens=False).input_ids

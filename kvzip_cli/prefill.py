@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from .cache import SlidingContextLayer, layer_windows
+from .context import SlidingContextLayer, layer_windows
 from .progress import Advance
 
 

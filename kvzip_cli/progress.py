@@ -137,6 +137,12 @@ class LineProgress:
             else:
                 self._write(f"{self._prefix()}{task.description} {task.fraction(now)}")
 
+    def write(self, text: str) -> None:
+        """A line of the caller's own (a corpus run's line per document), after the "done" lines still pending, so
+        that a document's line follows its phases'."""
+        with self._lock:
+            self._write(text)
+
     def finish(self) -> None:
         """The work ended well: write the lines still pending."""
         with self._lock:
@@ -169,13 +175,15 @@ def command_name() -> str:
         except (ImportError, AttributeError):
             continue
         if ctx is not None and ctx.parent is not None:
+            while ctx.parent.parent is not None:  # `kvc bench lengths`: named by its command, bench
+                ctx = ctx.parent
             return f"kvc {ctx.info_name}"
     return "kvc"
 
 
 @contextlib.contextmanager
-def progress_lines(stream: TextIO, name: str, interval: float = LINE_INTERVAL) -> Iterator[TaskFactory]:
-    """Yields the task factory of a LineProgress, with a thread that writes its periodic lines between advances."""
+def line_progress(stream: TextIO, name: str, interval: float = LINE_INTERVAL) -> Iterator[LineProgress]:
+    """Yields a LineProgress, with a thread that writes its periodic lines between advances."""
     lines = LineProgress(stream, name, interval)
     stop = threading.Event()
 
@@ -186,11 +194,18 @@ def progress_lines(stream: TextIO, name: str, interval: float = LINE_INTERVAL) -
     beater = threading.Thread(target=beat, name="kvc-progress", daemon=True)
     beater.start()
     try:
-        yield lines.task
+        yield lines
     finally:
         stop.set()
         beater.join()
     lines.finish()  # not reached when the work raised: its error is the last line
+
+
+@contextlib.contextmanager
+def progress_lines(stream: TextIO, name: str, interval: float = LINE_INTERVAL) -> Iterator[TaskFactory]:
+    """Yields the task factory of a line_progress."""
+    with line_progress(stream, name, interval) as lines:
+        yield lines.task
 
 
 @contextlib.contextmanager

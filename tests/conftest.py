@@ -6,7 +6,7 @@ These are for fast unit tests of the mechanics only; claims about quality use th
 
 import os
 
-# Triton's kernels (kvzip_cli.kernels) run on the CPU under its interpreter in tests. Triton reads this when it is
+# Triton's kernels (kvzip_cli.load.kernels) run on the CPU under its interpreter in tests. Triton reads this when it is
 # first imported, which torch or transformers may do before any test module.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from kvzip_cli import LoadedModel
-from kvzip_cli.cache import layer_windows
+from kvzip_cli.context import layer_windows
 
 from fixtures import tiny_fields
 

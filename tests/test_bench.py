@@ -8,14 +8,14 @@ import torch
 from typer.testing import CliRunner
 
 from kvzip_cli.bench import runner as bench_runner
-from kvzip_cli.bench.evaluate import CacheUnderTest, Evaluator
-from kvzip_cli.bench.metrics import FidelityTotals, agreement, needle_found
-from kvzip_cli.bench.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
 from kvzip_cli.bench.sweep import REFITS, build_sweep
-from kvzip_cli.cache_file import prefill_document
 from kvzip_cli.cli import app
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.presets import PRESETS
 from kvzip_cli.errors import KvcError
-from kvzip_cli.presets import PRESETS
+from kvzip_cli.evaluation.evaluator import CacheUnderTest, Evaluator
+from kvzip_cli.evaluation.metrics import FidelityTotals, agreement, needle_found
+from kvzip_cli.evaluation.probes import NEEDLE_DEPTHS, builtin_probes, plant_needles, read_probes
 
 from fixtures import DOCS, tiny_model
 
@@ -263,7 +263,7 @@ def test_peer_answers_match_kvpress_own_pipeline(clustered_folder):
     from transformers import DynamicCache
 
     from kvzip_cli.bench.peers import clear_masks, run_press
-    from kvzip_cli.models import load_model
+    from kvzip_cli.models.loading import load_model
 
     lm = load_model(str(clustered_folder), device="cpu")
     planted, needles = plant_needles(TEXT)
@@ -403,7 +403,7 @@ def test_plot_labels_points_and_names_kvpress_only_when_it_ran(tmp_path):
 
 
 def test_repeated_ngrams_count_only_earlier_occurrences():
-    from kvzip_cli.bench.metrics import repeated_ngrams
+    from kvzip_cli.evaluation.metrics import repeated_ngrams
 
     assert repeated_ngrams([1, 2, 3, 4, 5, 6]) == (0, 3)
     assert repeated_ngrams([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]) == (5, 9)  # the loop repeats after 4 tokens
@@ -422,7 +422,7 @@ def test_answers_end_where_the_reference_ends():
     summary = totals.summary()
     assert summary["ends"] == 0.5
     assert summary["repetition"] == pytest.approx(3 / 6)  # the runaway's 5 4-grams hold 3 repeats, the others none
-    from kvzip_cli.bench.metrics import answer_habits
+    from kvzip_cli.evaluation.metrics import answer_habits
 
     assert answer_habits([[5, 6, 0], [8, 9, 8, 9]], stop) == {"ends_full": 0.5, "repetition_full": 0.0}
 

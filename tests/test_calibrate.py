@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 
 from kvc_format import KvcReader
 from kvzip_cli import KvcError, compress_text, load
-from kvzip_cli import calibrate as calibrate_module
 from kvzip_cli.attention import kvc_attention_in
-from kvzip_cli.cache_file import prefill_document
-from kvzip_cli.calibrate import BIT_LADDER, RATIOS, Candidate, Target, Trial, search
 from kvzip_cli.cli import app
-from kvzip_cli.self_check import QUESTION_PROBES, RECONSTRUCTION_PROBES, SelfCheck, SelfCheckResult
+from kvzip_cli.compress import calibrate as calibrate_module
+from kvzip_cli.compress.calibrate import BIT_LADDER, RATIOS, Candidate, Target, Trial, search
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.evaluation.self_check import QUESTION_PROBES, RECONSTRUCTION_PROBES, SelfCheck, SelfCheckResult
 
 from fixtures import TEXT
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from kvc_format import MINOR_VERSION
 from kvc_format.atomic import AtomicFile
 from kvzip_cli.cli import app
-from kvzip_cli.presets import PRESETS
+from kvzip_cli.compress.presets import PRESETS
 
 runner = CliRunner()
 CONTRACT = {
@@ -149,7 +149,8 @@ def test_load_wrong_model(tmp_path, kvc_file, tiny_tokenizer):
     assert_one_line_error(run("load", kvc_file, "--model", other), "weight_digest")
 
 
-# Exit 1: the files, the document or the model are at fault; exit 2: the command line itself (README, "Exit codes").
+# Exit 1: the files, the document or the model are at fault; exit 2: the command line itself
+# (docs/cli.md, "Exit codes").
 @pytest.mark.parametrize(
     "args,fragment,code",
     [
@@ -209,14 +210,18 @@ def test_load_reports_its_decoder(kvc_file, monkeypatch):
     assert json.loads(run("load", kvc_file, "--json").stdout)["rans_decoder"] == "numpy"
 
 
-def test_cli_choices_match_the_registries():
-    """The CLI spells scorers and allocations out (importing the registries would load torch for --help)."""
-    from kvzip_cli.budget import ALLOCATIONS
-    from kvzip_cli.cli import Allocation, ScorerName
-    from kvzip_cli.scorers import SCORERS
+def test_cli_choices_are_the_registries_and_help_imports_no_torch():
+    """The options' choices are made from the registries (one source), which cost no torch import: --help and the
+    cheap checks start fast."""
+    from kvzip_cli.cli.compress import AllocationName, ScorerName
+    from kvzip_cli.prune import ALLOCATIONS
+    from kvzip_cli.prune.scorers import SCORERS
 
     assert [s.value for s in ScorerName] == list(SCORERS)
-    assert tuple(a.value for a in Allocation) == ALLOCATIONS
+    assert tuple(a.value for a in AllocationName) == ALLOCATIONS
+    probe = "import sys, kvzip_cli.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == (
+        "False False\n")
 
 
 def test_version_and_help():
@@ -264,7 +269,7 @@ def test_signal_during_write_leaves_nothing(tmp_path, tiny_folder, short_doc, si
         pytest.skip("no O_TMPFILE on this system: the hidden .partial file being written is visible")
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_WRITER, "compress", str(short_doc), "-o", str(out), "--model", str(tiny_folder),
-         "--json"],
+         "--json", "--no-estimate"],  # the file written is the output itself (the estimate's case: below)
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     for line in proc.stderr:
@@ -280,6 +285,43 @@ def test_signal_during_write_leaves_nothing(tmp_path, tiny_folder, short_doc, si
         assert proc.wait(timeout=60) == 130
         assert "error: interrupted" in rest
     assert list(tmp_path.iterdir()) == []
+
+
+SLOW_ESTIMATE = textwrap.dedent(
+    """
+    import signal, sys, time
+    from kvzip_cli.compress import pipeline
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def slow(pre, path):
+        print("estimating", path, file=sys.stderr, flush=True)
+        time.sleep(60)
+    pipeline.estimate_loss = slow
+    from kvzip_cli.cli import main
+    sys.argv = ["kvc"] + sys.argv[1:]
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_the_estimate_leaves_nothing(tmp_path, tiny_folder, short_doc, sig):
+    """The file measured for its estimate lies in the system's temporary folder, removed when kvc is stopped; the
+    output's folder never sees it."""
+    out = tmp_path / "doc.kvc"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_ESTIMATE, "compress", str(short_doc), "-o", str(out), "--model", str(tiny_folder),
+         "--json"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in proc.stderr:
+        if line.startswith("estimating"):
+            measured = Path(line.split(" ", 1)[1].strip())
+            break
+    assert measured.is_file() and not measured.is_relative_to(tmp_path) and list(tmp_path.iterdir()) == []
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130 and "error: interrupted" in rest
+    assert list(tmp_path.iterdir()) == [] and not measured.parent.exists()
 
 
 def test_closed_stdout_stops_quietly(kvc_file):

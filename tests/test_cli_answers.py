@@ -57,7 +57,7 @@ def test_a_cut_answer_is_marked(kvc_file):
 def test_an_answer_that_ends_says_eos(tmp_path, tiny_tokenizer):
     """The tiny random model never chooses EOS by itself: make its first greedy token the EOS token."""
     from kvzip_cli import compress_text, load
-    from kvzip_cli.load import ask
+    from kvzip_cli.load.answer import ask
 
     lm = tiny_model("llama", tiny_tokenizer)
     path = tmp_path / "d.kvc"

@@ -111,9 +111,12 @@ def test_same_bytes_as_the_single_document_command(tmp_path, corpus, tiny_folder
     result = run("compress", corpus / "a.txt", corpus / "b.txt", "-o", out, "--model", tiny_folder, *SETTINGS)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"compressed 2 documents into {out}: 2 ok, 0 skipped (done before), 0 failed")
-    progress = result.stderr.splitlines()  # stderr is no terminal here: a line per document
-    assert [line.split(" ok ")[0] for line in progress] == ["kvc compress: [1/2]", "kvc compress: [2/2]"]
-    assert "tokens/s, eta" in progress[0] and progress[1].endswith("tokens/s")
+    progress = result.stderr.splitlines()  # no terminal: a start line, the phases' lines, a line per document
+    assert progress[0] == "kvc compress: 2 documents to compress"
+    documents = [line for line in progress if " ok " in line]
+    assert [line.split(" ok ")[0] for line in documents] == ["kvc compress: [1/2]", "kvc compress: [2/2]"]
+    assert "tokens/s, eta" in documents[0] and documents[1].endswith("tokens/s")
+    assert any(line.startswith("kvc compress: [1/2] prefill ") for line in progress)
     for row in manifest(out):
         single = tmp_path / "single.kvc"
         result = run("compress", row["source"], "-o", single, "--model", tiny_folder, *SETTINGS, "--json")
@@ -157,7 +160,7 @@ def test_a_document_too_long_for_the_model_is_a_row(tmp_path, corpus, tiny_folde
 
 
 def test_ctrl_c_leaves_the_finished_rows_and_no_partial_file(tmp_path, corpus, tiny_folder, monkeypatch):
-    compress_module = importlib.import_module("kvzip_cli.compress")  # the package's `compress` is the function
+    compress_module = importlib.import_module("kvzip_cli.compress.pipeline")
     real = compress_module.write_kvc
     outputs = []
 
@@ -173,7 +176,8 @@ def test_ctrl_c_leaves_the_finished_rows_and_no_partial_file(tmp_path, corpus, t
 
     monkeypatch.setattr(compress_module, "write_kvc", interrupted_in_the_second_write)
     out = tmp_path / "out"
-    result = run("compress", corpus, "-o", out, "--model", tiny_folder, *SETTINGS)
+    # --no-estimate: each write is the output itself (with the estimate it is a temporary file, then the output)
+    result = run("compress", corpus, "-o", out, "--model", tiny_folder, *SETTINGS, "--no-estimate")
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1].startswith("error: interrupted; ")
     rows = manifest(out)

@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 
 from kvc_format import KvcReader, UnsupportedVersionError, export_file, load_file
 from kvzip_cli import KvcError, load
-from kvzip_cli.cache import PrunedCache
-from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
 from kvzip_cli.cli import app
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.settings import QuantOptions
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.load.pruned_cache import PrunedCache
+from kvzip_cli.prune.scoring import score_context
 from kvzip_cli.rope import inverse_frequencies, rope_tables
 
 from attacks import assemble, rans_bad_tables, split
@@ -171,7 +173,7 @@ def test_rotary_tables_not_of_the_recordable_form_keep_rope_in_the_keys(tmp_path
         assert inverse_frequencies(model, *tables) is None
     finally:
         inv_freq.copy_(original)
-    monkeypatch.setattr(sys.modules["kvzip_cli.cache_file"], "inverse_frequencies", lambda *a: None)
+    monkeypatch.setattr(sys.modules["kvzip_cli.compress.quantize"], "inverse_frequencies", lambda *a: None)
     path = tmp_path / "q.kvc"
     write_kvc(prefilled, path, codec="ans", bits=4)
     with KvcReader(path) as reader:

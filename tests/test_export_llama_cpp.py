@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from kvc_format import ExportError, KvcFormatError, KvcReader, KvcWriter, Stream
 from kvc_format.gguf import read_metadata
 from kvc_format.llama_cpp import MAGIC, STATE_VERSION, export_llama_cpp
-from kvzip_cli.cache_file import prefill_document, write_kvc
 from kvzip_cli.cli import app
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.prune.scoring import score_context
 
 from fixtures import TEXT
 

@@ -14,8 +14,9 @@ from safetensors.numpy import load_file as load_safetensors
 
 from kvc_format import ExportError, KvcFormatError, KvcReader, LayoutError, export_mlx, load_file
 from kvc_format.__main__ import main as kvc_format_main
-from kvzip_cli.cache_file import prefill_document, write_kvc
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.prune.scoring import score_context
 
 from attacks import ATTACKS, split
 from fixtures import TEXT

@@ -12,10 +12,13 @@ import transformers
 
 from kvc_format import KvcReader, MetadataError, load_file
 from kvzip_cli import KvcError, LoadedModel, compress_text, load
-from kvzip_cli.cache import PrunedCache, PrunedLayer, layer_windows
-from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
-from kvzip_cli.families import TESTED, check_config
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.settings import QuantOptions
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.context import layer_windows
+from kvzip_cli.load.pruned_cache import PrunedCache, PrunedLayer
+from kvzip_cli.models.families import TESTED, check_config
+from kvzip_cli.prune.scoring import score_context
 
 from attacks import split
 from family_models import FAMILIES, PARTIAL_ROTARY, PRE_ROPE, SLIDING, WINDOW, family_model, masked_logits
@@ -276,7 +279,8 @@ def test_unsupported_architectures_are_refused_before_the_prefill(tmp_path, tiny
     """One line saying why, before any costly work, and no file."""
     model_class, config = _config(name)
     lm = LoadedModel(model_class(config).eval(), tiny_tokenizer, f"tiny-{name}")
-    monkeypatch.setattr(sys.modules["kvzip_cli.cache_file"], "prefill", lambda *a, **k: pytest.fail("prefilled"))
+    prefilled = sys.modules["kvzip_cli.compress.prefilled"]
+    monkeypatch.setattr(prefilled, "prefill", lambda *a, **k: pytest.fail("prefilled"))
     with pytest.raises(KvcError, match=why) as refused:
         compress_text(FAMILY_TEXT, tmp_path / "x.kvc", model=lm, bits=4)
     assert "\n" not in str(refused.value)

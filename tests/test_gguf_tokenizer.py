@@ -1,6 +1,6 @@
-"""The tokenizer kvc rebuilds from a GGUF's vocabulary (kvzip_cli.gguf_tokenizer), on small vocabularies written here:
-llama.cpp's SentencePiece rules (merges by score, user-defined tokens split off first, bytes for what is not a
-token, the space prefix after every special token), its token types by text, and the GGUFs it refuses. Parity with
+"""The tokenizer kvc rebuilds from a GGUF's vocabulary (kvzip_cli.models.gguf_tokenizer), on small vocabularies
+written here: llama.cpp's SentencePiece rules (merges by score, user-defined tokens split off first, bytes for what is
+not a token, the space prefix after every special token), its token types by text, and the GGUFs it refuses. Parity with
 llama.cpp itself, on both real models: tests/test_real_tokenizer.py."""
 
 import dataclasses
@@ -11,7 +11,7 @@ from gguf import GGUFWriter
 from tokenizers import Tokenizer
 
 from kvzip_cli import KvcError
-from kvzip_cli.gguf_tokenizer import (
+from kvzip_cli.models.gguf_tokenizer import (
     BYTE,
     CONTROL,
     NORMAL,
@@ -128,7 +128,7 @@ def test_a_tokenizer_kvc_cannot_reproduce_is_refused(tmp_path, change, why):
 
 def test_a_gguf_whose_tokenizer_cannot_be_reproduced_is_not_converted(tmp_path, monkeypatch):
     """Refused with one line before anything is converted, and no model folder is left behind."""
-    from kvzip_cli.models import resolve
+    from kvzip_cli.models.loading import resolve
 
     monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
     path = write_gguf(tmp_path / "m.gguf", ["<unk>", "<s>", "</s>", "x"], [CONTROL] * 3 + [NORMAL], model="bert")
@@ -143,7 +143,7 @@ def test_the_tokenizer_files_load_in_transformers(tmp_path):
     the GGUF's special tokens and chat template."""
     from transformers import AutoTokenizer
 
-    from kvzip_cli.models import _write_tokenizer
+    from kvzip_cli.models.loading import _write_tokenizer
 
     path = spm(tmp_path, add_space_prefix=False, add_bos_token=False)
     vocab = read_vocab(path)

@@ -1,16 +1,18 @@
-"""Query-weighted key steps (kvzip_cli.key_units): the unit math, the observer, the quantizer and writer taking the
-units, and the pipeline recording them."""
+"""Query-weighted key steps (kvzip_cli.compress.key_units): the unit math, the observer, the quantizer and writer
+taking the units, and the pipeline recording them."""
 
 import numpy as np
 import pytest
 import torch
 
 from kvc_format import KvcReader
-from kvc_format.quant import dequantize_keys, quantize_keys
 from kvc_format.quantized import Quantization, encode_layer
-from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
-from kvzip_cli.key_units import ENERGY_FLOOR, QueryEnergy, key_units
-from kvzip_cli.load import load
+from kvc_format.scalar_quantizers import dequantize_keys, quantize_keys
+from kvzip_cli.compress.key_units import ENERGY_FLOOR, QueryEnergy, key_units
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.settings import QuantOptions
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.load.loader import load
 from kvzip_cli.prefill import prefill
 
 from fixtures import TEXT

@@ -1,20 +1,20 @@
-"""KVzip+ (kvzip_cli.scorers.kvzip_plus): the weighted maximum, the output-projection Grams, and the scorer on the
+"""KVzip+ (kvzip_cli.prune.scorers.kvzip_plus): the weighted maximum, the output-projection Grams, and the scorer on the
 tiny models of every tested family."""
 
 import pytest
 import torch
 
-from kvzip_cli.cache_file import prefill_document
-from kvzip_cli.pruning import score_context
-from kvzip_cli.scorers import ScoringInputs
-from kvzip_cli.scorers.kvzip_plus import KVzipPlusScorer, attention_modules, value_gram
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.prune.scorers import ScoringInputs
+from kvzip_cli.prune.scorers.kvzip_plus import KVzipPlusScorer, attention_modules, value_gram
+from kvzip_cli.prune.scoring import score_context
 
 from family_models import FAMILIES, family_model
 from fixtures import FAMILY_TEXT
 
 
 def test_max_received_weights_each_weight_before_the_maximum():
-    from kvzip_cli.scorers.kvzip import max_received
+    from kvzip_cli.prune.scorers.kvzip import max_received
 
     torch.manual_seed(1)
     q, k = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 50, 8)

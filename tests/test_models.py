@@ -10,7 +10,7 @@ import pytest
 
 from kvzip_cli import KvcError
 from kvzip_cli.devices import resolve_device, resolve_dtype
-from kvzip_cli.models import load_model, resolve
+from kvzip_cli.models.loading import load_model, resolve
 
 
 def test_unknown_model(tmp_path):
@@ -63,7 +63,7 @@ def test_a_converted_folder_records_ropes_base_where_older_readers_look(tmp_path
     rope_theta."""
     from transformers import AutoConfig
 
-    from kvzip_cli.models import _fix_config
+    from kvzip_cli.models.loading import _fix_config
 
     config = {"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -103,7 +103,7 @@ def fake_gemma3(tmp_path, monkeypatch):
 
 
 def test_gemma3_is_assembled_once_into_the_cache_folder(fake_gemma3):
-    from kvzip_cli.model_files import packaged_gguf
+    from kvzip_cli.models.files import packaged_gguf
 
     first = packaged_gguf("gemma3")
     assert first.read_bytes() == bytes([0]) * 1000 + bytes([1]) * 1000
@@ -113,8 +113,8 @@ def test_gemma3_is_assembled_once_into_the_cache_folder(fake_gemma3):
 
 
 def test_a_missing_or_broken_gemma3_package_is_one_line(fake_gemma3, monkeypatch):
-    from kvzip_cli import model_files
-    from kvzip_cli.model_files import packaged_gguf
+    from kvzip_cli.models import files as model_files
+    from kvzip_cli.models.files import packaged_gguf
 
     chunks = fake_gemma3.chunk_paths()
     chunks[1].write_bytes(b"corrupt")  # a chunk that does not give the package's sha256
@@ -143,7 +143,7 @@ def test_a_converted_folder_is_named_by_the_gguf_content(tmp_path, monkeypatch):
     file gets its own; the digest is computed once per (path, size, mtime)."""
     import os
 
-    from kvzip_cli import model_files
+    from kvzip_cli.models import files as model_files
 
     monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
     one, two, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"

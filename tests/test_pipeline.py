@@ -6,7 +6,7 @@ import torch
 from kvc_format import KvcReader, KvcWriter
 from kvzip_cli import KvcError, compress_text, load
 from kvzip_cli.document import layout_prompt
-from kvzip_cli.load import ask
+from kvzip_cli.load.answer import ask
 from kvzip_cli.prefill import prefill
 
 from fixtures import QUESTIONS, TEXT, cached, tiny_model, uncached
@@ -184,7 +184,7 @@ def test_exactness_check_detects_a_wrong_cache(tmp_path, tiny):
 
 
 def test_tokenizer_digest_is_reused_until_the_tokenizer_changes():
-    from kvzip_cli.fingerprint import _cached_tokenizer_fields, tokenizer_digest
+    from kvzip_cli.models.fingerprint import _cached_tokenizer_fields, tokenizer_digest
 
     from fixtures import train_tokenizer
 

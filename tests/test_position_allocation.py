@@ -7,8 +7,8 @@ import torch
 from kvc_format import KvcReader
 from kvzip_cli import compress_text
 from kvzip_cli.bench.sweep import build_sweep
-from kvzip_cli.budget import allocate
 from kvzip_cli.errors import KvcError
+from kvzip_cli.prune.budget import allocate
 
 from fixtures import TEXT
 

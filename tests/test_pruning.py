@@ -8,15 +8,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvzip_cli import compress_text, load
 from kvzip_cli.attention import kvc_attention_in
-from kvzip_cli.budget import ALLOCATIONS, SINK_TOKENS, allocate, protected_positions
-from kvzip_cli.cache import PrunedCache
-from kvzip_cli.cache_file import prefill_document, write_kvc
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.write import write_kvc
 from kvzip_cli.errors import KvcError
-from kvzip_cli.pruning import Pruning, score_context
+from kvzip_cli.load.pruned_cache import PrunedCache
+from kvzip_cli.prune.budget import ALLOCATIONS, SINK_TOKENS, allocate, protected_positions
+from kvzip_cli.prune.scorers import SCORERS, ScoringInputs
+from kvzip_cli.prune.scorers.compactor import leverage
+from kvzip_cli.prune.scorers.kvzip import KVzipScorer, max_received
+from kvzip_cli.prune.scoring import Pruning, score_context
 from kvzip_cli.rope import unrotate
-from kvzip_cli.scorers import SCORERS, ScoringInputs
-from kvzip_cli.scorers.compactor import leverage
-from kvzip_cli.scorers.kvzip import KVzipScorer, max_received
 
 from fixtures import TEXT
 

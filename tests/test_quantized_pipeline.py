@@ -10,10 +10,12 @@ import torch
 from kvc_format import KvcReader
 from kvc_format.rope import rotate_rows
 from kvzip_cli import KvcError, compress_text, load
-from kvzip_cli.cache import PrunedCache
-from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
-from kvzip_cli.load import ask
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.settings import QuantOptions
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.load.answer import ask
+from kvzip_cli.load.pruned_cache import PrunedCache
+from kvzip_cli.prune.scoring import score_context
 
 from fixtures import QUESTIONS, TEXT
 
@@ -89,7 +91,8 @@ def test_presets_set_the_file_and_options_override_them(tmp_path, prefilled):
 
 
 def test_group_is_checked_before_the_prefill(tmp_path, prefilled, monkeypatch):
-    monkeypatch.setattr(sys.modules["kvzip_cli.compress"], "prefill_document", lambda *a, **k: pytest.fail("prefill"))
+    pipeline = sys.modules["kvzip_cli.compress.pipeline"]
+    monkeypatch.setattr(pipeline, "prefill_document", lambda *a, **k: pytest.fail("prefill"))
     with pytest.raises(KvcError, match="must divide"):
         compress_text(TEXT, tmp_path / "g.kvc", model=prefilled.lm, bits=4, quant=QuantOptions(value_group=5))
     assert not (tmp_path / "g.kvc").exists()
@@ -113,7 +116,7 @@ def test_layer_batches_do_not_change_the_cache(tmp_path, prefilled, monkeypatch)
 def test_rope_reapplied_in_place_equals_the_rotation(rotary):
     """The load path's in-place RoPE (half-width gathers, no concatenation) gives exactly the keys of
     `rope.rotate`, on the whole head and on a partial rotary part."""
-    from kvzip_cli.load import _rotate_rows
+    from kvzip_cli.load.loader import _rotate_rows
     from kvzip_cli.rope import rotate
 
     torch.manual_seed(0)
@@ -136,7 +139,7 @@ def test_reader_rotates_pre_rope_keys_as_the_model_would(tmp_path, prefilled, mo
     the numpy one after) gives exactly the keys of `rope.rotate` applied to the keys read without them, and the
     loaded cache holds those keys."""
     from kvc_format import rans
-    from kvzip_cli.load import _rope
+    from kvzip_cli.load.loader import _rope
     from kvzip_cli.rope import rotate
 
     if decoder == "compiled" and rans._compiled() is None:

@@ -4,7 +4,7 @@ much smaller file than a dense one, each meeting the target on its self-check wi
 import pytest
 
 from kvzip_cli import compress_text, load_model
-from kvzip_cli.calibrate import Target
+from kvzip_cli.compress.calibrate import Target
 
 from fixtures import DOCS
 

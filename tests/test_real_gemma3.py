@@ -12,7 +12,7 @@ import torch
 
 from kvc_format import KvcReader
 from kvzip_cli import compress_text, load, load_model
-from kvzip_cli.load import ask
+from kvzip_cli.load.answer import ask
 
 from fixtures import DOCS, cached, uncached
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from kvzip_cli import load_model
-from kvzip_cli.compress import compress_text
+from kvzip_cli.compress.pipeline import compress_text
 from kvzip_cli.document import question_ids
-from kvzip_cli.model_files import embedded_gguf
+from kvzip_cli.models.files import embedded_gguf
 
-from llama_cpp_runtime import EDGE, require_llama_cpp
+from llama_cpp_runtime import require_llama_cpp
 
-sys.path.insert(0, str(EDGE))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "studies" / "edge"))  # llama_cpp_check.py
 from llama_cpp_check import (  # noqa: E402
     compare,
     distance,
@@ -83,7 +83,7 @@ def test_llama_cpp_tokenizes_the_question_as_kvc_does(files, answers):
 
 def test_llama_cpp_computes_what_transformers_computes_from_the_same_file(answers):
     # llama.cpp runs its Q4_1 weights directly, kvc's transformers model the same weights dequantized to float32:
-    # measured kld 0.003-0.004 nats between the two on every setting (examples/results/edge/llama-cpp.md). A wrong
+    # measured kld 0.003-0.004 nats between the two on every setting (studies/edge/results/llama-cpp.md). A wrong
     # channel order, position or V layout costs far more than this bound.
     for name in SETTINGS:
         assert answers["transformers"][name]["kld"] <= 0.02 and answers["transformers"][name]["top1"] >= 0.85, name

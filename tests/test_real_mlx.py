@@ -1,6 +1,6 @@
 """MLX-LM answers from caches that kvc made and `kvc_format.export_mlx` converted as from its own prefill of the same
 tokens: the real runtime (mlx 0.32.4, mlx-lm 0.32.2, on the CPU) in its own venv, since mlx-lm needs a newer
-transformers than kvc's, running examples/edge_mlx.py on the embedded model's converted folder. The MLX venv's
+transformers than kvc's, running studies/edge/edge_mlx.py on the embedded model's converted folder. The MLX venv's
 python is $KVC_MLX_PYTHON (default .venv-mlx/bin/python); CI creates it, and there these tests never skip."""
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from kvzip_cli import load_model
-from kvzip_cli.compress import compress_text
-from kvzip_cli.model_files import embedded_gguf
-from kvzip_cli.models import converted_folder
+from kvzip_cli.compress.pipeline import compress_text
+from kvzip_cli.models.files import embedded_gguf
+from kvzip_cli.models.loading import converted_folder
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -52,8 +52,8 @@ def files(tmp_path_factory, mlx_python) -> dict[str, Path]:
 
 def edge_mlx(mlx_python: Path, files: dict, *names: str) -> subprocess.CompletedProcess:
     model = converted_folder(embedded_gguf())
-    command = [str(mlx_python), str(REPO / "examples" / "edge_mlx.py"), "--model", str(model), "--question", QUESTION,
-               *(str(files[name]) for name in names)]
+    command = [str(mlx_python), str(REPO / "studies" / "edge" / "edge_mlx.py"), "--model", str(model),
+               "--question", QUESTION, *(str(files[name]) for name in names)]
     env = {**os.environ, "PYTHONPATH": str(files["path"])}
     return subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
 
@@ -67,7 +67,7 @@ def test_mlx_answers_from_the_exported_caches_as_from_its_own_prefill(mlx_python
     assert rows["lossless"]["question_tokens"] == rows["4-bit"]["question_tokens"] > 5
     # The lossless file holds transformers' float32 prefill in float16, MLX's own cache its float32 prefill: measured
     # the same 32 tokens and top1 1.0 here and on all 12 questions of the six example documents
-    # (examples/results/edge-mlx.md).
+    # (studies/edge/results/edge-mlx.md).
     assert rows["lossless"]["exact"] and rows["lossless"]["top1"] == 1.0, seen
     # 4-bit keys and values: measured top1 0.97 and 31 of 32 tokens in common here; on the example documents top1
     # 0.94-1.0, and greedy answers that part at a near-tie after 7 to 32 tokens (4 of 12 equal).

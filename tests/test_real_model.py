@@ -51,7 +51,7 @@ def test_lossless_answers_match_uncached_model(tmp_path, smol, excerpts, name):
 
 
 def test_16bit_storage_is_near_lossless(tmp_path, smol, excerpts):
-    from kvzip_cli.bench.metrics import FidelityTotals
+    from kvzip_cli.evaluation.metrics import FidelityTotals
 
     compress(excerpts["gpl-2.txt"], tmp_path / "doc.kvc", model=smol, preset="lossless", codec="zstd", bits=16)
     kv = load(tmp_path / "doc.kvc", smol)

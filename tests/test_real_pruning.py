@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from kvzip_cli import load_model
-from kvzip_cli.bench.probes import plant_needles
 from kvzip_cli.bench.runner import run_bench
 from kvzip_cli.bench.sweep import Setting
-from kvzip_cli.cache_file import prefill_document
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.evaluation.probes import plant_needles
+from kvzip_cli.prune.scoring import score_context
 
 from fixtures import DOCS
 

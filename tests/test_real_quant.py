@@ -5,7 +5,7 @@ import pytest
 from kvzip_cli import load_model
 from kvzip_cli.bench.runner import run_bench
 from kvzip_cli.bench.sweep import Setting
-from kvzip_cli.presets import PRESETS
+from kvzip_cli.compress.presets import PRESETS
 
 from fixtures import DOCS
 
@@ -23,8 +23,8 @@ def rows():
 
 
 def test_four_bits_is_near_lossless_under_four_bits_per_element(rows):
-    """On the corpus: kld 0.0053 at 3.62 bits per element (examples/results/quantization/); this excerpt is
-    shorter, so the bound leaves room."""
+    """On the corpus: kld 0.0053 at 3.62 bits per element (studies/bench-corpus/results/quantization/); this
+    excerpt is shorter, so the bound leaves room."""
     row = rows["kvc 4-bit ans"]
     assert row["kld"] < 0.02 and row["top1"] > 0.9
     assert row["bits_per_element"] < 4.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvzip_cli import load_model
-from kvzip_cli.model_files import packaged_gguf
+from kvzip_cli.models.files import packaged_gguf
 
 from fixtures import DOCS
 from llama_cpp_runtime import EDGE, require_llama_cpp

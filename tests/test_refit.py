@@ -1,5 +1,5 @@
-"""Refitting the kept values after pruning (kvzip_cli.refit): the least-squares fit, the recorded reference queries,
-and the values a pruned file stores with and without it, on random tensors and tiny random-weight models."""
+"""Refitting the kept values after pruning (kvzip_cli.prune.refit): the least-squares fit, the recorded reference
+queries, and the values a pruned file stores with and without it, on random tensors and tiny random-weight models."""
 
 import math
 from dataclasses import replace
@@ -9,10 +9,11 @@ import torch
 
 from kvc_format import KvcReader
 from kvzip_cli import compress_text, load
-from kvzip_cli.cache import layer_windows
-from kvzip_cli.cache_file import prefill_document, write_kvc
-from kvzip_cli.pruning import score_context
-from kvzip_cli.refit import BIAS_RANGE, MAX_QUERIES, ReferenceQueries, Refit, output_error, refit_values
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.context import layer_windows
+from kvzip_cli.prune.refit import BIAS_RANGE, MAX_QUERIES, ReferenceQueries, Refit, output_error, refit_values
+from kvzip_cli.prune.scoring import score_context
 
 from family_models import family_model
 from fixtures import TEXT

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvzip_cli.presets import PRESETS
+from kvzip_cli.compress.presets import PRESETS
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

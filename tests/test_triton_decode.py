@@ -1,4 +1,4 @@
-"""The Triton decoder (kvzip_cli.kernels) against kvc_format's numpy decoder: symbol for symbol, float for float.
+"""The Triton decoder (kvzip_cli.load.kernels) against kvc_format's numpy decoder: symbol for symbol, float for float.
 
 Triton runs here on the CPU under its interpreter (conftest.py sets TRITON_INTERPRET=1), which checks the kernels'
 logic; how fast they are on a GPU is measured by examples/gpu_check.py. Skipped where Triton is not installed.
@@ -13,11 +13,13 @@ pytest.importorskip("triton")
 from kvc_format import KvcReader, rans
 from kvc_format.errors import CodecError
 from kvzip_cli import KvcError, load
-from kvzip_cli.cache_file import QuantOptions, prefill_document, write_kvc
-from kvzip_cli.kernels import rans_decode
-from kvzip_cli.kernels.layers import DeviceChecks, decode_layers
-from kvzip_cli.load import choose_decoder
-from kvzip_cli.pruning import score_context
+from kvzip_cli.compress.prefilled import prefill_document
+from kvzip_cli.compress.settings import QuantOptions
+from kvzip_cli.compress.write import write_kvc
+from kvzip_cli.load.kernels import rans_decode
+from kvzip_cli.load.kernels.layers import DeviceChecks, decode_layers
+from kvzip_cli.load.loader import choose_decoder
+from kvzip_cli.prune.scoring import score_context
 
 from attacks import GOLDEN, edited, replace_payload, stream
 from fixtures import TEXT
@@ -33,8 +35,8 @@ def random_item(rng: np.random.Generator, lanes: int, longest: int, alphabet: in
     skew = rng.dirichlet(np.full(alphabet, 0.3), n_tables)
     counts = (skew * 1000).astype(np.int64) + (rng.random((n_tables, alphabet)) < 0.5)
     freq = rans.quantize_frequencies(counts)
-    symbols = np.concatenate([rng.choice(alphabet, n, p=freq[t] / rans.M) for n, t in zip(lengths, tables, strict=True)]
-                             or [np.zeros(0, np.int64)]).astype(np.uint8)
+    drawn = [rng.choice(alphabet, n, p=freq[t] / rans.PROB_SCALE) for n, t in zip(lengths, tables, strict=True)]
+    symbols = np.concatenate(drawn or [np.zeros(0, np.int64)]).astype(np.uint8)
     return rans.encode(symbols, lengths, tables, freq), lengths, tables, freq
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..cache_file import DEFAULT_CHUNK
-from ..compress import compress_text
+from ..compress.pipeline import compress_text
+from ..compress.settings import DEFAULT_CHUNK
 from ..document import layout_prompt, question_ids
 from ..errors import KvcError, UsageError
-from ..load import load
-from ..models import LoadedModel
+from ..load.loader import load
+from ..models.loading import LoadedModel
 from ..progress import TaskFactory, silent_task
 
 QUESTION = "What is this document about, in one sentence?"

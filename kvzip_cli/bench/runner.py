@@ -10,15 +10,16 @@ import torch
 import zstandard
 
 from ..attention import kvc_attention_in
-from ..cache_file import Prefilled, QuantOptions, prefill_document, write_kvc
-from ..load import load
-from ..models import LoadedModel
+from ..compress.prefilled import Prefilled, prefill_document
+from ..compress.write import write_kvc
+from ..evaluation.evaluator import CacheUnderTest, Evaluator, Reference
+from ..evaluation.probes import Probe, builtin_probes, plant_needles
+from ..load.loader import load
+from ..models.loading import LoadedModel
 from ..progress import TaskFactory, silent_task
-from ..pruning import Scored, score_context
+from ..prune.scoring import Scored, score_context
 from ..sizes import raw_fp16_bytes
-from .evaluate import CacheUnderTest, Evaluator, Reference
 from .peers import clear_masks, run_press
-from .probes import Probe, builtin_probes, plant_needles
 from .sweep import Setting
 
 
@@ -88,17 +89,17 @@ def refitting_scorers(sweep: list[Setting]) -> set[str]:
 def _measure_kvc(setting: Setting, pre: Prefilled, lm: LoadedModel, evaluator: Evaluator, reference: Reference,
                  workdir: Path, scored: dict[str, Scored], refitting: set[str], task: TaskFactory) -> dict:
     path = workdir / "bench.kvc"
+    settings = setting.compress_settings()
     pruning = None
     if setting.ratio < 1:
         if setting.scorer not in scored:
             scored[setting.scorer] = score_context(lm, pre.cache, pre.layout, setting.scorer, task,
                                                    refit=setting.scorer in refitting)
         pruning = scored[setting.scorer].keep(setting.ratio, setting.allocation)
-        if setting.refit == "off":
+        if not settings.refit:
             pruning = replace(pruning, queries=None)
-        pruning = replace(pruning, logit_bias=setting.refit == "bias")
-    made = write_kvc(pre, path, codec=setting.codec, bits=setting.bits, pruning=pruning,
-                     quant=QuantOptions(key_bits=setting.key_bits))
+        pruning = replace(pruning, logit_bias=settings.logit_bias)
+    made = write_kvc(pre, path, codec=settings.codec, bits=settings.bits, pruning=pruning, quant=settings.quant)
     with kvc_attention_in(lm.model):
         kv = load(path, lm)
         metrics = evaluator.evaluate(CacheUnderTest(kv.cache, pre.tokens), reference)

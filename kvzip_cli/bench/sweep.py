@@ -2,14 +2,14 @@
 
 from dataclasses import dataclass
 
-from ..budget import ALLOCATIONS
-from ..cache_file import FLOAT_BITS, QUANT_BITS, default_codec
+from ..compress.presets import PRESETS
+from ..compress.settings import FLOAT_BITS, QUANT_BITS, QuantOptions, Settings, default_codec
 from ..errors import UsageError
-from ..presets import PRESETS
-from ..scorers import SCORERS
-from .peers import PEERS
+from ..prune import ALLOCATIONS
+from ..prune.scorers import DEFAULT_SCORER, SCORERS
 
 DEFAULT_RATIOS = (0.5, 0.3, 0.2, 0.1)
+PEERS = ("KVzipPress", "CompactorPress", "SnapKVPress", "KnormPress")  # NVIDIA kvpress presses (peers.py runs them)
 # --refit choice → build_sweep's refits: "bias" (values refit with a logit bias, as kvc compress does), "values"
 # (values refit alone, as --no-logit-bias), "off" (neither, as --no-refit)
 REFITS = {"on": ("bias",), "values": ("values",), "off": ("off",), "both": ("bias", "off"),
@@ -34,7 +34,15 @@ class Setting:
     scorer: str | None = None
     allocation: str | None = None  # None: the scorer's default
     key_bits: int | None = None  # None: as bits
-    refit: str = "bias"  # pruned kvc settings: "bias", "values" or "off" (REFITS, kvzip_cli.refit)
+    refit: str = "bias"  # pruned kvc settings: "bias", "values" or "off" (REFITS, kvzip_cli.prune.refit)
+
+    def compress_settings(self) -> Settings:
+        """A "kvc" setting as the compress settings it measures (checked: a UsageError names what is wrong)."""
+        settings = Settings(ratio=self.ratio, scorer=self.scorer or DEFAULT_SCORER, allocation=self.allocation,
+                            bits=self.bits, codec=self.codec, quant=QuantOptions(key_bits=self.key_bits),
+                            refit=self.refit != "off", logit_bias=self.refit == "bias", estimate=False)
+        settings.check()
+        return settings
 
 
 def _check(ratios, bits, scorers, allocations, presets) -> None:
@@ -86,14 +94,14 @@ def build_sweep(ratios=DEFAULT_RATIOS, bits=(16,), scorers=("kvzip",), peers=Fal
     measured = set()
     for refit in refits:
         for name in presets:
-            p = PRESETS[name]
+            p = Settings.from_preset(name)
             # "bias" is what kvc compress does, which for a preset without the logit bias is the values refit alone
             own = "values" if refit == "bias" and not p.logit_bias else refit
             if (name, own) in measured:
                 continue
             measured.add((name, own))
             sweep.append(Setting(f"preset {name}{_refit_label(refit)}", f"kvc presets{_refit_label(refit)}", "kvc",
-                                 p.ratio, p.bits, p.codec, scorer=p.scorer, key_bits=p.key_bits, refit=own))
+                                 p.ratio, p.bits, p.codec, scorer=p.scorer, key_bits=p.quant.key_bits, refit=own))
     chosen = PEERS if peers is True else tuple(peers or ())
     for p in chosen:
         if p not in PEERS:

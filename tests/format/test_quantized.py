@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 
 from kvc_format import CodecError, KvcReader, KvcWriter, MetadataError, codecs, rans
 from kvc_format.constants import DTYPES, MINOR_VERSION
-from kvc_format.quant import (
+from kvc_format.quantized import LANE_ROWS, Quantization, encode_layer, encode_symbols, lane_layout, to_lanes
+from kvc_format.scalar_quantizers import (
     dequantize_keys,
     dequantize_values,
     quantize_keys,
     quantize_values,
     quantize_values_uniform,
 )
-from kvc_format.quantized import LANE_ROWS, Quantization, encode_layer, encode_symbols, lane_layout, to_lanes
 
 from kvc_bytes import assemble, header_dict
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvc_format import CodecError, rans
-from kvc_format.rans import PROB_BITS, L, M
+from kvc_format.rans import PROB_BITS, PROB_SCALE, STATE_LOW
 
 from rans_data import coded, draw_symbols
 
@@ -37,7 +37,7 @@ def reference_encode(symbols, lane_lengths, lane_tables, freq) -> bytes:
     finals = []
     start = 0
     for lane, (n, table) in enumerate(zip(lane_lengths, lane_tables, strict=True)):
-        x = L
+        x = STATE_LOW
         for t in range(int(n) - 1, -1, -1):
             s = int(symbols[start + t])
             f, c = int(freq[table][s]), cum[table][s]
@@ -65,14 +65,14 @@ def reference_decode(payload: bytes, lane_lengths, lane_tables, freq) -> list[in
             if t >= lane_lengths[lane]:
                 continue
             table = lane_tables[lane]
-            slot = x[lane] & (M - 1)
+            slot = x[lane] & (PROB_SCALE - 1)
             s = next(s for s in range(len(freq[table])) if cum[table][s] <= slot < cum[table][s] + freq[table][s])
             out[starts[lane] + t] = s
             x[lane] = int(freq[table][s]) * (x[lane] >> PROB_BITS) + slot - cum[table][s]
-            if x[lane] < L:
+            if x[lane] < STATE_LOW:
                 x[lane] = (x[lane] << 16) | words[w]
                 w += 1
-    assert w == len(words) and all(v == L for v in x)
+    assert w == len(words) and all(v == STATE_LOW for v in x)
     return out
 
 
@@ -100,7 +100,7 @@ def test_matches_scalar_reference(seed, n_lanes, max_len, n_tables, alphabet):
 def test_word_interleaving_by_step_then_lane():
     # Two lanes, one table where symbol 1 is rare: every rare symbol makes a lane emit. The words must come out by
     # step ascending, then lane ascending, whatever lane emitted first while encoding.
-    freq = np.array([[M - 1, 1]], dtype=np.uint16)
+    freq = np.array([[PROB_SCALE - 1, 1]], dtype=np.uint16)
     symbols = np.array([1, 1, 0, 1, 1, 1], dtype=np.uint8)
     lengths, tables = np.array([3, 3]), np.array([0, 0])
     payload = rans.encode(symbols, lengths, tables, freq)
@@ -110,15 +110,15 @@ def test_word_interleaving_by_step_then_lane():
 
 
 def test_certain_symbol_costs_nothing():
-    freq = np.array([[0, M, 0]], dtype=np.uint16)
+    freq = np.array([[0, PROB_SCALE, 0]], dtype=np.uint16)
     lengths = np.array([1000, 0, 5])
     payload = rans.encode(np.ones(1005, dtype=np.uint8), lengths, np.zeros(3, dtype=np.int64), freq)
-    assert payload == np.full(3, L, dtype="<u4").tobytes()
+    assert payload == np.full(3, STATE_LOW, dtype="<u4").tobytes()
     assert np.array_equal(rans.decode(payload, lengths, [0, 0, 0], freq), np.ones(1005, dtype=np.uint8))
 
 
 def test_no_lanes():
-    freq = np.array([[M, 0]], dtype=np.uint16)
+    freq = np.array([[PROB_SCALE, 0]], dtype=np.uint16)
     empty = np.zeros(0, dtype=np.int64)
     assert rans.encode(np.zeros(0, dtype=np.uint8), empty, empty, freq) == b""
     assert rans.decode(b"", empty, empty, freq).shape == (0,)
@@ -151,7 +151,7 @@ def test_every_lookup_resolution_decodes(monkeypatch, budget):
     assert (freq == 0).any() and (freq == 1).any()
     lengths = rng.integers(0, 61, 200)
     tables = rng.integers(0, 9, 200)
-    symbols = draw_symbols(rng, freq / M, lengths, tables)
+    symbols = draw_symbols(rng, freq / PROB_SCALE, lengths, tables)
     payload = rans.encode(symbols, lengths, tables, freq)
     monkeypatch.setattr(rans, "_LOOKUP_BUDGET", budget)
     assert np.array_equal(rans.decode(payload, lengths, tables, freq), symbols)
@@ -183,7 +183,7 @@ def test_histograms_count_per_table():
 
 def ideal_bits(symbols, lengths, tables, freq) -> float:
     f = freq[np.repeat(tables, lengths), symbols].astype(np.float64)
-    return float(-np.log2(f / M).sum())
+    return float(-np.log2(f / PROB_SCALE).sum())
 
 
 def test_cost_close_to_ideal_and_entropy():
@@ -213,10 +213,10 @@ def test_cost_close_to_ideal_wide_alphabet():
 def check_quantized(counts: np.ndarray) -> np.ndarray:
     freq = rans.quantize_frequencies(counts)
     assert freq.dtype == np.uint16 and freq.shape == counts.shape
-    assert (freq.sum(axis=1, dtype=np.int64) == M).all()
+    assert (freq.sum(axis=1, dtype=np.int64) == PROB_SCALE).all()
     used = (counts > 0).any(axis=1)
     assert ((freq[used] > 0) == (counts[used] > 0)).all()
-    assert (freq[~used, 0] == M).all()
+    assert (freq[~used, 0] == PROB_SCALE).all()
     rans.validate_tables(freq, counts.shape[1])
     return freq
 
@@ -244,17 +244,17 @@ def test_quantize_edge_rows():
     counts[3, 0] = 10**12  # one dominant symbol, 255 rare ones that each still need 1
     counts[4, :2] = [1, 10**6]
     freq = check_quantized(counts)
-    assert freq[0, 0] == M and freq[1, 7] == M
+    assert freq[0, 0] == PROB_SCALE and freq[1, 7] == PROB_SCALE
     assert (freq[2] == 16).all()
-    assert freq[3, 0] == M - 255 and (freq[3, 1:] == 1).all()
-    assert freq[4].tolist()[:2] == [1, M - 1]
+    assert freq[3, 0] == PROB_SCALE - 255 and (freq[3, 1:] == 1).all()
+    assert freq[4].tolist()[:2] == [1, PROB_SCALE - 1]
     assert np.array_equal(rans.quantize_frequencies(counts), freq)  # deterministic
 
 
 def test_quantize_is_close_to_proportional():
     counts = np.array([[500, 300, 150, 49, 1, 0]])
     freq = check_quantized(counts)[0].astype(np.float64)
-    share = counts[0] / counts.sum() * M
+    share = counts[0] / counts.sum() * PROB_SCALE
     assert np.abs(freq - share)[:4].max() <= 1.5
 
 
@@ -284,12 +284,12 @@ def test_bad_stored_states(sample):
     payload, lengths, tables, freq = sample
     states = np.frombuffer(payload, dtype="<u4", count=len(lengths)).copy()
     low = states.copy()
-    low[3] = L - 1
+    low[3] = STATE_LOW - 1
     with pytest.raises(CodecError, match="below"):
         rans.decode(low.tobytes() + payload[4 * len(lengths) :], lengths, tables, freq)
     with_empty = np.concatenate([lengths, [0]])
     tables_empty = np.concatenate([tables, [0]])
-    bad_empty = payload[: 4 * len(lengths)] + np.array([L + 1], "<u4").tobytes() + payload[4 * len(lengths) :]
+    bad_empty = payload[: 4 * len(lengths)] + np.array([STATE_LOW + 1], "<u4").tobytes() + payload[4 * len(lengths) :]
     with pytest.raises(CodecError, match="empty lane"):
         rans.decode(bad_empty, with_empty, tables_empty, freq)
 
@@ -332,8 +332,8 @@ def test_decode_many_names_the_bad_item(sample):
 )
 def test_random_payloads_never_crash(data, n_lanes, length, alphabet):
     freq = np.zeros((2, alphabet), dtype=np.uint16)
-    freq[0] = M // alphabet
-    freq[1, 0], freq[1, -1] = M - 1, 1
+    freq[0] = PROB_SCALE // alphabet
+    freq[1, 0], freq[1, -1] = PROB_SCALE - 1, 1
     lengths = np.full(n_lanes, length)
     tables = np.arange(n_lanes) % 2
     try:
@@ -352,10 +352,10 @@ def test_random_payloads_never_crash(data, n_lanes, length, alphabet):
     [
         np.full((2, 16), 256, dtype=np.int64),  # wrong dtype
         np.full(16, 256, dtype=np.uint16),  # 1-D
-        np.array([[M, 0], [M - 1, 0]], dtype=np.uint16),  # a row short of M
-        np.array([[M]], dtype=np.uint16),  # alphabet 1
+        np.array([[PROB_SCALE, 0], [PROB_SCALE - 1, 0]], dtype=np.uint16),  # a row short of M
+        np.array([[PROB_SCALE]], dtype=np.uint16),  # alphabet 1
         np.full((1, 257), 0, dtype=np.uint16),  # alphabet 257
-        [[M, 0]],  # not an array
+        [[PROB_SCALE, 0]],  # not an array
     ],
 )
 def test_invalid_tables(sample, freq):
@@ -367,12 +367,12 @@ def test_invalid_tables(sample, freq):
 
 
 def test_validate_tables():
-    good = np.array([[M - 1, 1], [0, M]], dtype=np.uint16)
+    good = np.array([[PROB_SCALE - 1, 1], [0, PROB_SCALE]], dtype=np.uint16)
     rans.validate_tables(good, 2)
     with pytest.raises(CodecError, match="shape"):
         rans.validate_tables(good, 3)
     with pytest.raises(CodecError, match="sums to"):
-        rans.validate_tables(np.array([[M, 1]], dtype=np.uint16), 2)
+        rans.validate_tables(np.array([[PROB_SCALE, 1]], dtype=np.uint16), 2)
     with pytest.raises(CodecError, match="alphabet"):
         rans.validate_tables(good, 1)
 
@@ -390,7 +390,7 @@ def test_validate_tables():
     ],
 )
 def test_invalid_layouts(lengths, tables, match):
-    freq = np.array([[M // 2, M // 2]] * 2, dtype=np.uint16)
+    freq = np.array([[PROB_SCALE // 2, PROB_SCALE // 2]] * 2, dtype=np.uint16)
     with pytest.raises(CodecError, match=match):
         rans.decode(b"\0" * 8, lengths, tables, freq)
     with pytest.raises(CodecError, match=match):
@@ -398,7 +398,7 @@ def test_invalid_layouts(lengths, tables, match):
 
 
 def test_encode_rejects_bad_symbols():
-    freq = np.array([[M, 0, 0]], dtype=np.uint16)
+    freq = np.array([[PROB_SCALE, 0, 0]], dtype=np.uint16)
     with pytest.raises(CodecError, match="sum to"):
         rans.encode(np.zeros(3, dtype=np.uint8), [2], [0], freq)
     with pytest.raises(ValueError, match="frequency 0"):
@@ -412,7 +412,7 @@ def test_encode_rejects_bad_symbols():
 def test_states_stay_below_two_to_the_32():
     # The largest frequency and the largest state: decoding x = f * (x >> 12) + (slot - cum) stays < 2**32.
     rng = np.random.default_rng(8)
-    freq = np.array([[M - 1, 1]], dtype=np.uint16)
+    freq = np.array([[PROB_SCALE - 1, 1]], dtype=np.uint16)
     symbols = (rng.random(20_000) < 0.001).astype(np.uint8)
     payload = rans.encode(symbols, [20_000], [0], freq)
     assert np.array_equal(rans.decode(payload, [20_000], [0], freq), symbols)

@@ -7,8 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc_format import KvcReader, KvcWriter, Stream, apply_rope, encode_positions, load_file
-from kvc_format.quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values, quantize_values_uniform
 from kvc_format.quantized import Quantization, encode_layer
+from kvc_format.scalar_quantizers import (
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+    quantize_values_uniform,
+)
 
 from kvc_bytes import header_dict
 from spec_reader import read_file
