@@ -77,6 +77,8 @@ def test_bench_lengths_is_its_own_command_and_the_flag_an_alias(tmp_path):
     for args in (["bench", "lengths", missing, "--lengths", "1k"], ["bench", missing, "--lengths", "1k"]):
         result = run(*args)
         assert result.exit_code == 1 and "does not exist" in result.stderr, result.output
+    several = run("bench", missing, "--lengths", "1k", "--presets", "lossless,balanced,small")
+    assert several.exit_code == 2 and "one preset" in several.stderr, several.output  # even the three by name
 
 
 @pytest.fixture(scope="module")

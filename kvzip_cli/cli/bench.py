@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ..bench.sweep import REFITS
+from ..compress.presets import PRESETS
 from ..errors import KvcError, UsageError
 from .common import (
     DeviceOption,
@@ -79,7 +80,8 @@ def fidelity(
     model: ModelOption = "smollm2",
     ratios: Annotated[str, typer.Option(help="Kept fractions, comma-separated.")] = "0.5,0.3,0.2,0.1",
     bits: Annotated[str, typer.Option(help="Bit widths, comma-separated (16, 32, 8, 4, 3, 2).")] = "16",
-    presets: Annotated[str, typer.Option(help="Presets, comma-separated; empty for none.")] = "lossless,balanced,small",
+    presets: Annotated[str | None, typer.Option(help="Presets, comma-separated; empty for none. (default: all three; "
+                                                "with --lengths: balanced)", show_default=False)] = None,
     scorers: Annotated[str, typer.Option(help="Scorers, comma-separated; empty for none.")] = "kvzip",
     allocations: Annotated[str, typer.Option(help="Allocations, comma-separated (default: each scorer's).")] = "",
     peers: Annotated[bool, typer.Option("--peers", help="Also measure kvpress's presses.")] = False,
@@ -100,8 +102,8 @@ def fidelity(
     greedy answers are the reference.
     """
     if lengths is not None:
-        length(document, model, lengths, presets if presets != "lossless,balanced,small" else "balanced", plot,
-               device, dtype, json_output)
+        length(document, model, lengths, "balanced" if presets is None else presets, plot, device, dtype,
+               json_output)
         return
     from ..bench.sweep import build_sweep
     from ..document import read_document
@@ -110,7 +112,7 @@ def fidelity(
     _check_plot(plot)
     sweep = build_sweep(ratios=_numbers(ratios, float, "--ratios"), bits=_numbers(bits, int, "--bits"),
                         scorers=_names(scorers), peers=peers, allocations=_names(allocations) or (None,),
-                        presets=_names(presets), refits=REFITS[value(refit)])
+                        presets=tuple(PRESETS) if presets is None else _names(presets), refits=REFITS[value(refit)])
     text = read_document(str(document))
     user_probes = read_probes(probes) if probes else []
     if peers:

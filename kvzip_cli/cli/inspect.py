@@ -49,9 +49,10 @@ def _estimated(file: Path, info, document: Path | None, device: str):
         raise KvcError(f"{file} does not name its document (made from stdin, or by kvc before 0.7): give --document")
     text = read_document(str(source))
     from ..evaluation.estimate import estimate_file
+    from ..models.files import EMBEDDED
     from ..models.loading import load_model
 
-    lm = load_model(info.info["model"] or "smollm2", device=device)
+    lm = load_model(info.info["model"] or EMBEDDED, device=device)
     measured = estimate_file(file, text, lm)
     return replace(info, info={**info.info, "estimate": measured, "estimate_measured_here": True})
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..compress.settings import DEFAULT_CHUNK
 from ..errors import KvcError, UsageError
 from ..load import DECODERS
 from .common import DeviceOption, DtypeOption, JsonOption, choice, cli_errors, emit_json, open_reader, value
@@ -89,11 +90,12 @@ def load(
     from ..load.loader import load as load_file
     from ..load.loader import measure_prefill as run_prefill
     from ..load.report import LoadReport
+    from ..models.files import EMBEDDED
     from ..models.loading import load_model
     from ..progress import progress_bars
 
     chosen = choose_decoder(decoder, resolve_device(device))  # refuse before the model loads
-    model_name = model or header["model"].get("name") or "smollm2"
+    model_name = model or header["model"].get("name") or EMBEDDED
     t0 = time.perf_counter()
     lm = load_model(model_name, device=device, dtype=dtype)
     entropy_coded = chosen == "numpy" and header.get("settings", {}).get("codec") == "ans"
@@ -104,7 +106,8 @@ def load(
     model_seconds = time.perf_counter() - t0
     with progress_bars(not json_output) as task:
         kv = load_file(file, lm, task=task, decoder=decoder)
-        prefill_here = (run_prefill(lm.model, kv, header.get("settings", {}).get("chunk_size") or 512, task)
+        prefill_here = (run_prefill(lm.model, kv, header.get("settings", {}).get("chunk_size") or DEFAULT_CHUNK,
+                                    task)
                         if measure_prefill else None)
     timings = header.get("timings", {})
     result = LoadReport(file=str(file), model=model_name, tokens=kv.input_ids.shape[1],

@@ -30,12 +30,13 @@ def estimate_file(path: Path, text: str, lm) -> dict:
     from kvc_format import KvcReader
 
     from ..compress.prefilled import prefill_document
+    from ..compress.settings import DEFAULT_CHUNK
     from ..load.loader import check_identity
 
     with KvcReader(path) as reader:
         header = reader.header
     check_identity(header, lm.model, lm.tokenizer)
-    pre = prefill_document(text, lm, header.get("settings", {}).get("chunk_size") or 512)
+    pre = prefill_document(text, lm, header.get("settings", {}).get("chunk_size") or DEFAULT_CHUNK)
     if list(pre.layout.prefix_ids) != list(header["prompt"]["prefix_ids"]):
         raise KvcError(f"{path} was not made from this document (its tokens differ): give the document it was "
                        "made from")
